@@ -1,0 +1,5 @@
+import sys
+
+from qga.cli import main
+
+sys.exit(main())

@@ -1,0 +1,128 @@
+"""The one error tree of the project.
+
+Every exception qga raises on purpose derives from :class:`QgaError`.  The
+tree is split the way h11 splits it: errors the *peer* caused (a host that
+sent bad bytes or a bad command) and errors of *our* side (configuration,
+channel, state directory).  Only :class:`CommandError` and its subclasses
+ever reach the wire, and they carry the two error classes qemu-ga sends.
+
+::
+
+    QgaError
+    ├── CommandError            -> {"error": {"class": "GenericError", ...}}
+    │   ├── CommandNotFound     -> class "CommandNotFound" (unknown command)
+    │   │   └── CommandDisabled -> class "CommandNotFound", "... has been disabled"
+    │   ├── ParameterError      -> a bad argument (missing, unexpected, wrong type)
+    │   ├── Unsupported         -> "this feature or command is not currently supported"
+    │   └── InputError          -> a request that is not a well-formed QMP request
+    │       └── JSONParseError  -> bytes that are not JSON ("JSON parse error, ...")
+    ├── ConfigError             -> bad command line or config file (exit status 1)
+    ├── ChannelError            -> the transport cannot be opened or failed
+    ├── StateError              -> the state directory cannot be read or written
+    └── ClientError             -> host side (qga.host): talking to an agent
+        ├── AgentError          -> the agent answered with an error reply
+        ├── ConnectionLost      -> the socket closed or broke
+        ├── SyncError           -> no sync reply within the time allowed
+        └── ReplyTimeout        -> no reply within the time allowed
+"""
+
+from __future__ import annotations
+
+
+class QgaError(Exception):
+    """Root of every error qga raises on purpose."""
+
+
+# -- errors that become error replies on the wire ----------------------------
+
+
+class CommandError(QgaError):
+    """A request failed; ``desc`` is sent to the host verbatim."""
+
+    error_class = "GenericError"
+
+    def __init__(self, desc: str):
+        super().__init__(desc)
+        self.desc = desc
+
+
+class CommandNotFound(CommandError):
+    """The command does not exist (or is disabled, see the subclass)."""
+
+    error_class = "CommandNotFound"
+
+
+class CommandDisabled(CommandNotFound):
+    """The command exists but policy or state disables it.
+
+    qemu-ga sends the same class as for an unknown command, and libvirt
+    relies on that to skip unsupported information types.
+    """
+
+
+class ParameterError(CommandError):
+    """An argument is missing, unexpected, of the wrong type or value."""
+
+
+class Unsupported(CommandError):
+    """The guest cannot do this at all (no hardware, no platform support)."""
+
+    def __init__(self, desc: str = "this feature or command is not currently supported"):
+        super().__init__(desc)
+
+
+class InputError(CommandError):
+    """The input is not a well-formed QMP request (not an object, no execute...)."""
+
+
+class JSONParseError(InputError):
+    """The bytes from the host are not valid JSON."""
+
+    def __init__(self, detail: str):
+        super().__init__("JSON parse error, " + detail)
+        self.detail = detail
+
+
+# -- errors of our own side ---------------------------------------------------
+
+
+class ConfigError(QgaError):
+    """The command line or the configuration file is wrong."""
+
+
+class ChannelError(QgaError):
+    """The transport to the host cannot be opened or has failed."""
+
+
+class StateError(QgaError):
+    """The state directory cannot be read or written."""
+
+
+# -- host side -----------------------------------------------------------------
+
+
+class ClientError(QgaError):
+    """Base of the errors a host-side client sees."""
+
+
+class AgentError(ClientError):
+    """The agent answered with an error reply."""
+
+    def __init__(self, error_class: str, desc: str, command: str | None = None):
+        where = f" ({command})" if command else ""
+        super().__init__(f"{error_class}{where}: {desc}")
+        self.error_class = error_class
+        self.desc = desc
+        self.command = command
+
+
+class ConnectionLost(ClientError):
+    """The connection to the agent closed or broke."""
+
+
+class SyncError(ClientError):
+    """The agent did not answer the synchronisation in time."""
+
+
+class ReplyTimeout(ClientError):
+    """The agent did not answer a command in time."""
