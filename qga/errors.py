@@ -23,7 +23,8 @@ ever reach the wire, and they carry the two error classes qemu-ga sends.
         ├── AgentError          -> the agent answered with an error reply
         ├── ConnectionLost      -> the socket closed or broke
         ├── SyncError           -> no sync reply within the time allowed
-        └── ReplyTimeout        -> no reply within the time allowed
+        ├── ReplyTimeout        -> no reply within the time allowed
+        └── BadReply            -> a reply line that is not a reply (garbage, too long)
 """
 
 from __future__ import annotations
@@ -126,3 +127,7 @@ class SyncError(ClientError):
 
 class ReplyTimeout(ClientError):
     """The agent did not answer a command in time."""
+
+
+class BadReply(ClientError):
+    """The agent sent a line that is not a valid reply (not JSON, too long)."""
