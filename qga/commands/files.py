@@ -178,7 +178,7 @@ class GuestFile:
         self.state = READING
         if got == 0:
             return {"count": 0, "buf-b64": "", "eof": eof}
-        return {"count": got, "buf-b64": _encode_and_release(buffer, got), "eof": eof}
+        return {"count": got, "buf-b64": base64_text(buffer, got), "eof": eof}
 
     def _read_into(self, buffer: bytearray, count: int) -> Tuple[int, bool]:
         got = 0
@@ -247,8 +247,8 @@ class GuestFile:
         os.close(self.fd)
 
 
-def _encode_and_release(buffer: bytearray, size: int) -> bytes:
-    """Base64 of ``buffer[:size]`` as :class:`AsciiText`, freeing the buffer early.
+def base64_text(buffer: bytearray, size: int) -> bytes:
+    """Base64 of ``buffer[:size]`` as :class:`AsciiText`, emptying the buffer early.
 
     The raw buffer is dropped before the encoded text is copied into its
     AsciiText, so at most two of the three big objects live at once.
