@@ -27,6 +27,11 @@ COMMAND_MODULES = (
     "qga.commands.files",
     "qga.commands.exec",
     "qga.commands.system",
+    "qga.commands.fsfreeze",
+    "qga.commands.clock",
+    "qga.commands.resources",
+    "qga.commands.accounts",
+    "qga.commands.power",
 )
 
 Handler = Callable[..., Any]
