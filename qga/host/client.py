@@ -121,7 +121,11 @@ class _LineReader:
         self.buffer += data
 
     def read_line(self, deadline: Optional[float]) -> bytes:
-        """The next line without its newline; raises ``_LineTooLong`` for an over-long one."""
+        """The next line without its newline.
+
+        Raises ``_LineTooLong`` as soon as a line exceeds the bound; the rest
+        of that line is dropped as it arrives, by later calls.
+        """
         while True:
             newline = self.buffer.find(b"\n", self._scanned)
             if newline >= 0:
@@ -129,13 +133,16 @@ class _LineReader:
                 del self.buffer[:newline + 1]
                 self._scanned = 0
                 if self._dropping:
-                    self._dropping = False
-                    raise _LineTooLong()
+                    self._dropping = False  # the end of the over-long line
+                    continue
                 return line
-            if len(self.buffer) > self.max_line:
-                # Forget what we have of this line and drop the rest of it as it comes.
+            if self._dropping:
+                self.buffer.clear()
+            elif len(self.buffer) > self.max_line:
                 self.buffer.clear()
                 self._dropping = True
+                self._scanned = 0
+                raise _LineTooLong()
             self._scanned = len(self.buffer)
             self._fill(deadline)
 
@@ -194,13 +201,24 @@ class Client:
     def connect(self) -> None:
         """Open the socket (closing any previous one); the next call resynchronises."""
         self.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.sync_timeout)
-            sock.connect(self.path)
-        except OSError as error:
-            sock.close()
-            raise ConnectionLost(f"cannot connect to {self.path}: {error}") from None
+        deadline = time.monotonic() + self.sync_timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.sync_timeout)
+                sock.connect(self.path)
+                break
+            except BlockingIOError:
+                # The listen backlog is full: agents serve one client at a time
+                # and listen with a backlog of one, so wait for our turn.
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise ConnectionLost(f"cannot connect to {self.path}: the agent is busy "
+                                         "with another client") from None
+                time.sleep(0.01)
+            except OSError as error:
+                sock.close()
+                raise ConnectionLost(f"cannot connect to {self.path}: {error}") from None
         self._reader = _LineReader(sock, self.max_line)
         self._need_sync = True
 
