@@ -48,6 +48,7 @@ class AgentPool:
     def __init__(self) -> None:
         self._agents: Dict[str, AgentProcess] = {}
         self._dirs: List[Path] = []
+        self._start_failures: Dict[str, str] = {}
 
     def get(self, role: str, kind: str) -> AgentProcess:
         agent = self._agents.get(role)
@@ -55,9 +56,16 @@ class AgentPool:
             return agent
         if agent is not None:
             agent.stop()
+        if role in self._start_failures:
+            # Do not pay the start-up timeout again in every test.
+            pytest.fail(f"{kind} did not start earlier: {self._start_failures[role]}")
         workdir = Path(tempfile.mkdtemp(prefix=f"qgacmp-{kind}-"))
         self._dirs.append(workdir)
-        agent = STARTERS[kind](workdir).start()
+        try:
+            agent = STARTERS[kind](workdir).start()
+        except RuntimeError as error:
+            self._start_failures[role] = str(error)[-2000:]
+            raise
         self._agents[role] = agent
         return agent
 
@@ -192,9 +200,10 @@ def _connect(path: Path, timeout: float = 5.0) -> socket.socket:
     deadline = time.monotonic() + timeout
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
         try:
             sock.connect(str(path))
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, BlockingIOError):
             sock.close()
             if time.monotonic() >= deadline:
                 raise
