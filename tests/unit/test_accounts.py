@@ -21,6 +21,7 @@ from qga.commands import accounts
 from qga.commands.accounts import qbase64_decode
 from qga.config import Config
 from qga.errors import CommandError
+from tests.support.replies import validate_return
 from tests.support.users import throwaway_user  # noqa: F401  (fixture)
 
 
@@ -192,6 +193,7 @@ def test_add_creates_directory_and_file_owned_by_the_user(ctx, throwaway_user):
     assert_owned(path, throwaway_user, 0o600)
     assert [name for name in os.listdir(path.parent)] == ["authorized_keys"]
     reply = accounts.ssh_get_authorized_keys(ctx, username=throwaway_user.name)
+    validate_return(None, "guest-ssh-get-authorized-keys", reply)
     assert reply == {"keys": ["k2 b", "k1 a"]}  # qemu-ga's reverse order
 
 

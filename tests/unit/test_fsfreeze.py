@@ -23,6 +23,7 @@ from qga.errors import CommandError
 from qga.loop import Loop
 from qga.state import StateDir
 from tests.support.loopfs import FENCE_VARIABLE, loopfs  # noqa: F401  (fixture)
+from tests.support.replies import validate_return
 
 
 @pytest.fixture(autouse=True)
@@ -135,6 +136,7 @@ def test_status_follows_the_state(statedir):
     assert fsfreeze.fsfreeze_status(ctx) == "thawed"
     ctx.state.set_frozen(True)
     assert fsfreeze.fsfreeze_status(ctx) == "frozen"
+    validate_return(None, "guest-fsfreeze-status", "frozen")
 
 
 def test_freeze_list_of_unknown_mountpoint_freezes_nothing(statedir, logging_hook, hook_log):
@@ -261,7 +263,9 @@ def test_close_does_nothing_when_thawed(statedir, logging_hook, hook_log):
 def test_freeze_and_thaw_the_loop_filesystem(statedir, loopfs, monkeypatch, logging_hook, hook_log):
     monkeypatch.setenv(FENCE_VARIABLE, loopfs.path)
     ctx = make_ctx(statedir, hook=logging_hook)
-    assert fsfreeze.fsfreeze_freeze_list(ctx, mountpoints=[loopfs.path, loopfs.path]) == 1
+    frozen = fsfreeze.fsfreeze_freeze_list(ctx, mountpoints=[loopfs.path, loopfs.path])
+    validate_return(None, "guest-fsfreeze-freeze-list", frozen)
+    assert frozen == 1
     try:
         assert fsfreeze.fsfreeze_status(ctx) == "frozen"
         assert (statedir / "qga.state.isfrozen").exists()
@@ -354,6 +358,7 @@ def test_fstrim_the_loop_filesystem(statedir, loopfs, monkeypatch):
     monkeypatch.setenv(FENCE_VARIABLE, loopfs.path)
     ctx = make_ctx(statedir)
     reply = fsfreeze.fstrim(ctx, minimum=1 << 20)
+    validate_return(None, "guest-fstrim", reply)
     [entry] = reply["paths"]
     assert entry["path"] == loopfs.path
     assert entry["minimum"] >= 1 << 20
@@ -366,7 +371,9 @@ def test_fstrim_reports_per_path_errors(statedir, loopfs, monkeypatch):
     monkeypatch.setenv(FENCE_VARIABLE, loopfs.path)
     ctx = make_ctx(statedir)
     # A minimum larger than the filesystem: the kernel refuses with EINVAL.
-    [entry] = fsfreeze.fstrim(ctx, minimum=1 << 40)["paths"]
+    reply = fsfreeze.fstrim(ctx, minimum=1 << 40)
+    validate_return(None, "guest-fstrim", reply)
+    [entry] = reply["paths"]
     assert entry == {"path": loopfs.path, "error": "failed to trim: Invalid argument"}
 
 

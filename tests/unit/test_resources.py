@@ -17,6 +17,7 @@ from qga.commands import resources
 from qga.commands.sysutil import SYSROOT_VARIABLE
 from qga.config import Config
 from qga.errors import CommandError
+from tests.support.replies import validate_return
 
 
 @pytest.fixture
@@ -60,7 +61,9 @@ def test_empty_list(ctx, sysfs):
 
 
 def test_switching_cpus_writes_the_online_files(ctx, sysfs):
-    assert resources.set_vcpus(ctx, vcpus=[vcpu(1, False), vcpu(2, True)]) == 2
+    processed = resources.set_vcpus(ctx, vcpus=[vcpu(1, False), vcpu(2, True)])
+    validate_return(None, "guest-set-vcpus", processed)
+    assert processed == 2
     assert (sysfs / "cpu" / "cpu1" / "online").read_text() == "0\n"
     assert (sysfs / "cpu" / "cpu2" / "online").read_text() == "1\n"
 
@@ -117,6 +120,7 @@ def test_memory_block_answers(ctx, sysfs):
     answers = resources.set_memory_blocks(ctx, mem_blks=[
         block(0, True), block(1, True), block(999, True), block(2, False), block(2, True),
     ])
+    validate_return(None, "guest-set-memory-blocks", answers)
     assert answers == [
         {"phys-index": 0, "response": "success"},
         {"phys-index": 1, "response": "success"},
