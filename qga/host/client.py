@@ -267,17 +267,18 @@ class Client:
             except _LineTooLong:
                 continue  # a stale reply too big to keep: it is not ours anyway
             reply = _parse(line.rpartition(DELIMITER)[2])
-            if reply is None or reply.get("id") != sync_id:
-                continue  # garbage, the agent's answer to our 0xFF, or a stale reply
-            if "error" in reply:
+            if reply is None:
+                continue  # garbage, or the rest of a line cut by an earlier client
+            if "error" not in reply and reply.get("return") == sync_id:
+                # The random id is ours alone, so the reply counts even from an
+                # agent that forgot the delimiter.
+                return
+            if "error" in reply and reply.get("id") == sync_id:
                 # Only our request carries this id; the agent refused it (blocked
                 # by policy, say): fall back to plain guest-sync, as libvirt uses.
                 self._sync_plain(reader, deadline)
                 return
-            # The random id is ours alone, so the reply counts even from an
-            # agent that forgot the delimiter.
-            if reply.get("return") == sync_id:
-                return
+            # Otherwise: the agent's answer to our 0xFF, or a stale reply.
 
     def _sync_plain(self, reader: _LineReader, deadline: Optional[float]) -> None:
         sync_id = _random_id()
@@ -288,13 +289,14 @@ class Client:
                 reply = _parse(reader.read_line(deadline))
             except _LineTooLong:
                 continue
-            if reply is None or reply.get("id") != sync_id:
+            if reply is None:
                 continue
-            if "error" in reply:
-                error = reply["error"]
+            if "error" not in reply and reply.get("return") == sync_id:
+                return
+            if "error" in reply and reply.get("id") == sync_id:
+                error = reply["error"] if isinstance(reply["error"], dict) else {}
                 raise SyncError(f"the agent refuses to synchronise: {error.get('class')}: "
                                 f"{error.get('desc')}")
-            return
 
     # -- commands --------------------------------------------------------------
 

@@ -177,10 +177,10 @@ def test_sync_error_when_no_sync_is_possible(serve):
             client.sync()
 
 
-def test_sync_accepts_reply_without_delimiter(serve):
+def test_sync_accepts_reply_without_delimiter_or_id(serve):
     def script(peer: Peer):
         request = peer.request()
-        peer.reply(request, request["arguments"]["id"])
+        peer.write(b'{"return": %d}\n' % request["arguments"]["id"])
         peer.reply(peer.request())
 
     with Client(serve(script)) as client:
