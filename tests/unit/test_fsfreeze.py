@@ -279,6 +279,15 @@ def test_freeze_and_thaw_the_loop_filesystem(statedir, loopfs, monkeypatch, logg
     assert [call["args"] for call in hook_calls(hook_log)] == ["freeze", "thaw", "thaw"]
 
 
+def test_empty_mountpoint_list_freezes_nothing(statedir, loopfs, monkeypatch):
+    """An empty list is a list (qemu-ga's has_mountpoints), not "everything"."""
+    monkeypatch.setenv(FENCE_VARIABLE, loopfs.path)
+    ctx = make_ctx(statedir)
+    assert fsfreeze.fsfreeze_freeze_list(ctx, mountpoints=[]) == 0
+    assert not loopfs.is_frozen()
+    assert not ctx.state.is_frozen()
+
+
 def test_failed_freeze_thaws_what_it_froze(statedir, loopfs, monkeypatch, tmp_path,
                                           logging_hook, hook_log):
     """A mount that cannot be opened fails the freeze after the loop fs froze."""
