@@ -316,3 +316,11 @@ def test_ping_dispatch_is_fast():
         dispatcher.dispatch(request)
     per_call = (time.perf_counter() - start) / rounds
     assert per_call < 20e-6, f"guest-ping dispatch takes {per_call * 1e6:.1f} µs"
+
+
+def test_ping_writes_qemu_gas_audit_line(caplog):
+    dispatcher, _, _ = make()
+    with caplog.at_level(logging.INFO, logger="qga.audit"):
+        dispatcher.dispatch({"execute": "guest-ping"})
+        dispatcher.dispatch({"execute": "guest-sync", "arguments": {"id": 1}})
+    assert [record.getMessage() for record in caplog.records if record.name == "qga.audit"] == ["guest-ping called"]
