@@ -32,6 +32,7 @@ from qga.qdict_order import qdict_order
 from qga.schema import LINUX_DEFINES, Schema
 from tests.compat.conftest import Session, Wire
 from tests.support.agents import real_qemu_ga
+from tests.support.replies import validate_return
 
 pytestmark = pytest.mark.compat
 
@@ -349,3 +350,19 @@ def test_blocked_agent_matches(special_agents):
             assert_same_verdict(request, ask(session, request), ours.dispatch(request))
     finally:
         session.close()
+
+
+READ_ONLY_COMMANDS = [
+    "guest-info", "guest-get-time", "guest-fsfreeze-status", "guest-network-get-interfaces",
+    "guest-get-vcpus", "guest-get-disks", "guest-get-fsinfo", "guest-get-memory-blocks",
+    "guest-get-memory-block-info", "guest-get-host-name", "guest-get-users", "guest-get-timezone",
+    "guest-get-osinfo", "guest-get-diskstats", "guest-get-cpustats",
+]
+
+
+@pytest.mark.parametrize("command", READ_ONLY_COMMANDS)
+def test_qemu_ga_replies_fit_our_return_schemas(reference, command):
+    reply = ask(reference, {"execute": command})
+    if "error" in reply:
+        pytest.skip(f"{command} fails on this host: {reply['error']['desc']}")
+    validate_return(SCHEMA, command, reply["return"])
