@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import time
@@ -11,12 +12,28 @@ import pytest
 
 from qga.commands import Context
 from qga.commands import exec as exec_module
-from qga.commands.exec import ExecTable, find_program, guest_exec, guest_exec_status
+from qga.commands.exec import ExecTable, find_program
 from qga.config import Config
 from qga.errors import CommandError
 from qga.loop import Loop
-from qga.protocol import AsciiText
+from qga.protocol import AsciiText, encode_value
 from qga.state import StateDir
+from tests.support.replies import validate_return
+
+
+def checked(handler):
+    """The handler, with every value it returns checked against the schema on the wire."""
+
+    def call(*args, **kwargs):
+        value = handler(*args, **kwargs)
+        validate_return(None, handler.qapi_command, json.loads(encode_value(value)))
+        return value
+
+    return call
+
+
+guest_exec = checked(exec_module.guest_exec)
+guest_exec_status = checked(exec_module.guest_exec_status)
 
 
 def wait_for_children(context) -> None:

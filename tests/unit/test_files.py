@@ -7,6 +7,7 @@ same requests against both agents over the wire).
 from __future__ import annotations
 
 import base64
+import json
 import os
 import stat
 
@@ -14,13 +15,32 @@ import pytest
 
 from qga.commands import Context
 from qga.commands import files
-from qga.commands.files import (
-    FileTable, decode_base64, file_close, file_flush, file_open, file_read, file_seek, file_write,
-)
+from qga.commands.files import FileTable, decode_base64
 from qga.config import Config
 from qga.errors import CommandError
-from qga.protocol import AsciiText
+from qga.protocol import AsciiText, encode_value
 from qga.state import COUNTER_FILE, StateDir
+from tests.support.replies import validate_return
+
+
+def checked(handler):
+    """The handler, with every value it returns checked against the schema on the wire."""
+
+    def call(*args, **kwargs):
+        value = handler(*args, **kwargs)
+        wire_value = json.loads(encode_value({} if value is None else value))
+        validate_return(None, handler.qapi_command, wire_value)
+        return value
+
+    return call
+
+
+file_open = checked(files.file_open)
+file_close = checked(files.file_close)
+file_read = checked(files.file_read)
+file_write = checked(files.file_write)
+file_seek = checked(files.file_seek)
+file_flush = checked(files.file_flush)
 
 
 @pytest.fixture
