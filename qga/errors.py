@@ -15,7 +15,8 @@ ever reach the wire, and they carry the two error classes qemu-ga sends.
     │   ├── ParameterError      -> a bad argument (missing, unexpected, wrong type)
     │   ├── Unsupported         -> "this feature or command is not currently supported"
     │   └── InputError          -> a request that is not a well-formed QMP request
-    │       └── JSONParseError  -> bytes that are not JSON ("JSON parse error, ...")
+    │       ├── JSONParseError  -> bytes that are not JSON ("JSON parse error, ...")
+    │       └── JSONLimitError  -> a message over the nesting/token limits
     ├── ConfigError             -> bad command line or config file (exit status 1)
     ├── ChannelError            -> the transport cannot be opened or failed
     ├── StateError              -> the state directory cannot be read or written
@@ -82,6 +83,10 @@ class JSONParseError(InputError):
     def __init__(self, detail: str):
         super().__init__("JSON parse error, " + detail)
         self.detail = detail
+
+
+class JSONLimitError(InputError):
+    """A message exceeds the parser's nesting, token count or size limit."""
 
 
 # -- errors of our own side ---------------------------------------------------
