@@ -231,7 +231,7 @@ class ExecRecord:
             reply["signal"] = os.WTERMSIG(status)
         for name, stream in (("out", self.stdout), ("err", self.stderr)):
             if stream.data:
-                reply[f"{name}-data"] = base64_text(stream.data, len(stream.data))
+                reply[f"{name}-data"] = base64_text(stream.data)
                 reply[f"{name}-truncated"] = stream.truncated
         reply["exited"] = True
         return {key: reply[key] for key in _STATUS_ORDER if key in reply}

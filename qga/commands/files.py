@@ -170,28 +170,34 @@ class GuestFile:
 
     def read(self, count: int) -> dict:
         # Switching from writing: qemu-ga flushes stdio; our writes are not buffered.
-        if count == 0:
-            self.state = READING
-            return {"count": 0, "buf-b64": "", "eof": False}
-        buffer = bytearray(count)
-        got, eof = self._read_into(buffer, count)
+        # A failed read leaves the state as it was, as in qemu-ga.
+        pieces, eof = self._read_pieces(count) if count else ([], False)
         self.state = READING
-        if got == 0:
+        if not pieces:
             return {"count": 0, "buf-b64": "", "eof": eof}
-        return {"count": got, "buf-b64": base64_text(buffer, got), "eof": eof}
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        del pieces[:]
+        return {"count": len(data), "buf-b64": base64_text(data), "eof": eof}
 
-    def _read_into(self, buffer: bytearray, count: int) -> Tuple[int, bool]:
-        got = 0
-        with memoryview(buffer) as view:
-            while got < count:
-                try:
-                    size = os.readv(self.fd, [view[got:]])
-                except OSError as error:
-                    raise CommandError(f"failed to read file: {_strerror(error)}") from None
-                if size == 0:
-                    return got, True
-                got += size
-        return got, False
+    def _read_pieces(self, count: int) -> Tuple[List[bytes], bool]:
+        """``fread``: read until ``count`` bytes, end of file (eof true) or an error.
+
+        ``os.read`` allocates ``count`` bytes without touching them and gives
+        back what it does not fill, so a big count on a small file costs no
+        memory; a regular file needs one read, or two at its end.
+        """
+        pieces: List[bytes] = []
+        wanted = count
+        while wanted:
+            try:
+                piece = os.read(self.fd, wanted)
+            except OSError as error:
+                raise CommandError(f"failed to read file: {_strerror(error)}") from None
+            if not piece:
+                return pieces, True
+            pieces.append(piece)
+            wanted -= len(piece)
+        return pieces, False
 
     def write(self, buf_b64: str, count: Optional[int]) -> dict:
         if self.state == READING:
@@ -247,15 +253,17 @@ class GuestFile:
         os.close(self.fd)
 
 
-def base64_text(buffer: bytearray, size: int) -> bytes:
-    """Base64 of ``buffer[:size]`` as :class:`AsciiText`, emptying the buffer early.
+def base64_text(data) -> bytes:
+    """Base64 of ``data`` (bytes or bytearray) as :class:`AsciiText`, freeing ``data`` early.
 
-    The raw buffer is dropped before the encoded text is copied into its
-    AsciiText, so at most two of the three big objects live at once.
+    A bytearray is emptied, and the caller is expected to drop its bytes,
+    before the encoded text is copied into its AsciiText, so at most two of
+    the three big objects live at once.
     """
-    with memoryview(buffer) as view, view[:size] as part:
-        encoded = binascii.b2a_base64(part, newline=False)
-    del buffer[:]
+    encoded = binascii.b2a_base64(data, newline=False)
+    if isinstance(data, bytearray):
+        del data[:]
+    del data
     return AsciiText(encoded)
 
 

@@ -229,6 +229,26 @@ def test_read_of_48_mib(ctx, tmp_path):
     assert reply["buf-b64"] == base64.b64encode(data)
 
 
+def _peak_rss_since_reset() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_big_count_on_a_small_file_costs_no_memory(ctx, hello):
+    handle = file_open(ctx, hello)
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset the peak RSS
+    except OSError:
+        pytest.skip("cannot reset the peak RSS here")
+    before = _peak_rss_since_reset()
+    assert file_read(ctx, handle, files.READ_COUNT_MAX)["count"] == 5
+    assert _peak_rss_since_reset() - before < 8 * 1024 * 1024
+
+
 def test_read_errors(ctx, tmp_path, hello):
     directory = file_open(ctx, str(tmp_path))
     assert error_of(file_read, ctx, directory) == "failed to read file: Is a directory"
@@ -289,6 +309,12 @@ def test_write_after_read_on_a_pipe_fails_like_fseek(ctx, tmp_path):
     assert error_of(file_write, ctx, handle, "WFg=") == "failed to seek file: Illegal seek"
     file_flush(ctx, handle)  # back to the neutral state: writing works again
     assert file_write(ctx, handle, "WFg=")["count"] == 2
+    assert file_read(ctx, handle, 2)["count"] == 2
+    file_flush(ctx, handle)
+    # A read that fails does not count as reading: the next write needs no seek.
+    assert error_of(file_read, ctx, handle, 1) == (
+        "failed to read file: Resource temporarily unavailable")
+    assert file_write(ctx, handle, "WFla")["count"] == 3
 
 
 def test_write_to_a_read_only_handle(ctx, hello):
