@@ -1,0 +1,194 @@
+"""The agent: one event loop joining the channel, the protocol and the dispatcher.
+
+Bytes from the host go into one :class:`~qga.protocol.Parser` that lives as
+long as the process (qemu-ga keeps a half-received request across host
+reconnects, and hosts rely on resynchronising with 0xFF rather than on a
+fresh stream).  Each request is dispatched in order; the replies produced by
+one chunk of input are written together, which keeps their order and saves
+a system call per reply when a host pipelines requests.
+
+Shutdown follows qemu-ga: SIGTERM and SIGINT end the loop with status 0,
+except while filesystems are frozen, when they are ignored (a frozen guest
+must not lose its agent, the only way to thaw it).  Every exit path closes
+the command services, which thaws filesystems left frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import List, Optional
+
+from qga.commands import Context, collect_handlers
+from qga.errors import StateError
+from qga.loop import Loop
+from qga.protocol import DELIMITER, NEED_DATA, Parser, Request, encode_reply
+
+log = logging.getLogger("qga.agent")
+
+# Replies are written in batches; past this size a batch is written at once
+# so a long pipelined burst does not hold many replies in memory.
+_MAX_PENDING_OUTPUT = 1 << 20
+
+
+class Agent:
+    """A configured agent; :meth:`run` serves the host until told to stop."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.loop: Optional[Loop] = None
+        self.ctx: Optional[Context] = None
+        self.dispatcher = None
+        self.parser = Parser()
+        self.channel = None
+        self._opener = None
+        self._registered_fd: Optional[int] = None
+        self._exit_status = 0
+
+    # -- life cycle ----------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (status 0) or a fatal channel error (1)."""
+        from qga.log import setup_logging
+        from qga.state import StateDir
+
+        state = StateDir(self.config.statedir)
+        logging_setup = setup_logging(self.config, state.is_frozen)
+        self.loop = Loop()
+        try:
+            self._build(state)
+            self._install_signals()
+            self._open_channel()
+            self._notify_ready()
+            self.loop.run()
+            return self._exit_status
+        except StateError as error:
+            log.critical("%s", error)
+            return 1
+        finally:
+            self._shutdown()
+            logging_setup.close()
+
+    def _build(self, state) -> None:
+        from qga.dispatch import Dispatcher, Policy
+        from qga.schema import Schema
+
+        self.ctx = Context(self.config, state, self.loop)
+        self.dispatcher = Dispatcher(Schema.load(), collect_handlers(), self.ctx,
+                                     Policy.from_config(self.config))
+        self.ctx.dispatcher = self.dispatcher
+
+    def _install_signals(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal(signum, self._on_stop_signal)
+
+    def _on_stop_signal(self, signum: int) -> None:
+        if self.ctx is not None and self.ctx.state.is_frozen():
+            return  # never leave the guest frozen without its agent
+        log.debug("received signal num %d, quitting", signum)
+        self.loop.stop()
+
+    def _notify_ready(self) -> None:
+        try:
+            from qga.sdnotify import notify
+        except ImportError:
+            return
+        notify("READY=1")
+
+    def _shutdown(self) -> None:
+        if self._opener is not None:
+            self._opener.cancel()
+        if self.ctx is not None:
+            self.ctx.close()
+        if self.channel is not None:
+            self._unregister()
+            self.channel.close()
+            self.channel = None
+        if self.loop is not None:
+            self.loop.close()
+
+    # -- the channel ---------------------------------------------------------
+
+    def _open_channel(self) -> None:
+        from qga.channel import ChannelOpener
+
+        self._opener = ChannelOpener(self.config, self.loop, self._on_channel_open,
+                                     self._on_channel_give_up)
+        self._opener.start()
+
+    def _on_channel_open(self, channel) -> None:
+        self.channel = channel
+        self._register()
+
+    def _on_channel_give_up(self) -> None:
+        self._exit_status = 1
+        self.loop.stop()
+
+    def _register(self) -> None:
+        fd = self.channel.fileno()
+        if fd == self._registered_fd:
+            return
+        self._unregister()
+        self.loop.add_reader(fd, self._on_readable, edge=self.channel.edge_triggered)
+        self._registered_fd = fd
+
+    def _unregister(self) -> None:
+        if self._registered_fd is not None:
+            self.loop.remove(self._registered_fd)
+            self._registered_fd = None
+
+    def _on_readable(self, _events: int) -> None:
+        from qga.errors import ChannelError
+
+        try:
+            while True:
+                data = self.channel.read()
+                if data is None:
+                    break
+                self.parser.feed(data)
+                self._serve_pending()
+        except ChannelError as error:
+            log.error("channel failed: %s", error)
+            self._unregister()
+            self.channel.close()
+            self.channel = None
+            if not self._opener.channel_failed():
+                self._on_channel_give_up()
+            return
+        if self.channel is not None:
+            self._register()
+
+    # -- requests and replies ------------------------------------------------
+
+    def _serve_pending(self) -> None:
+        """Dispatch every complete request buffered so far, in order."""
+        pending: List[bytes] = []
+        size = 0
+        parser = self.parser
+        dispatcher = self.dispatcher
+        ctx = self.ctx
+        while True:
+            event = parser.next_event()
+            if event is NEED_DATA:
+                break
+            if isinstance(event, Request):
+                reply = dispatcher.dispatch(event.value)
+            else:
+                reply = dispatcher.error_reply(event.error)
+            if reply is None:
+                continue  # guest-shutdown and the suspends answer nothing on success
+            line = encode_reply(reply)
+            if ctx.take_delimit_flag():
+                line = DELIMITER + line
+            pending.append(line)
+            size += len(line)
+            if size >= _MAX_PENDING_OUTPUT:
+                self._write(pending)
+                pending = []
+                size = 0
+        if pending:
+            self._write(pending)
+
+    def _write(self, lines: List[bytes]) -> None:
+        if self.channel is not None:
+            self.channel.write(lines[0] if len(lines) == 1 else b"".join(lines))
