@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 MAX_OUTPUT = 16 * 1024 * 1024  # per captured stream, as qemu-ga
 READ_CHUNK = 64 * 1024
 READS_PER_EVENT = 16  # then let the loop serve others (level-triggered: it comes back)
+# A status request drains at most this much per stream: a child that writes
+# without end must not keep the agent reading forever.
+READS_PER_STATUS = 256
 
 # Bounds on what nobody asked for (see the module docstring).
 FINISHED_RECORD_TTL = 3600.0
@@ -483,7 +486,7 @@ class ExecTable:
                 self._loop.remove(fd)
         for stream in (record.stdout, record.stderr):
             fd = stream.fd
-            if fd is not None and stream.drain() and self._loop is not None:
+            if fd is not None and stream.drain(READS_PER_STATUS) and self._loop is not None:
                 self._loop.remove(fd)
         if record.wait_status is None and record.reap():
             self._after_exit(record)

@@ -184,6 +184,20 @@ def test_exited_waits_for_the_pipes(any_ctx):
     assert decoded(reply, "out") == b"late\n"
 
 
+def test_status_of_a_child_writing_without_end_returns(any_ctx):
+    pid = guest_exec(any_ctx, "yes", capture_output=True)["pid"]
+    try:
+        time.sleep(0.05)  # yes is running and keeps its pipe full
+        started = time.monotonic()
+        for _ in range(3):
+            assert guest_exec_status(any_ctx, pid) == {"exited": False}
+        assert time.monotonic() - started < 5
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    reply = finish(any_ctx, pid)
+    assert reply["signal"] == 9 and len(decoded(reply, "out")) > 0
+
+
 def test_output_is_truncated_at_16_mib(any_ctx):
     reply = run(any_ctx, "head", arg=["-c", "16777217", "/dev/zero"], capture_output=True)
     assert reply["out-truncated"] is True
