@@ -77,6 +77,11 @@ class Agent:
         self.dispatcher = Dispatcher(Schema.load(), collect_handlers(), self.ctx,
                                      Policy.from_config(self.config))
         self.ctx.dispatcher = self.dispatcher
+        if state.is_frozen():
+            # Restarted in frozen mode: the fsfreeze service arms its auto-thaw
+            # timer now, and ctx.close() lets it thaw what is still frozen.
+            from qga.commands.fsfreeze import FreezeService
+            self.ctx.service(FreezeService)
 
     def _install_signals(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):

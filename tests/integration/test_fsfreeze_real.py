@@ -200,3 +200,20 @@ def test_sigint_is_ignored_while_frozen(short_tmp, loopfs, cleanup):
     time.sleep(0.5)
     assert agent.proc.poll() is None
     assert loopfs.is_frozen()
+
+
+def test_restart_while_frozen_still_thaws_after_max_frozen_time(short_tmp, loopfs, cleanup):
+    agents, _ = cleanup
+    first = start_agent(short_tmp, loopfs)
+    agents.append(first)
+    assert call(first, freeze_list_request(loopfs)) == {"return": 1}
+    first.proc.kill()
+    first.proc.wait()
+
+    second = start_agent(short_tmp, loopfs, ["--fsfreeze-max-frozen-time=1"])
+    agents.append(second)
+    deadline = time.monotonic() + 10
+    while loopfs.is_frozen() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not loopfs.is_frozen(), "a restarted frozen agent never thawed by itself"
+    assert execute(second, "guest-fsfreeze-status") == {"return": "thawed"}
