@@ -400,7 +400,7 @@ class _TrimJob:
             for mount, outcome in zip(self._mounts, self._outcomes):
                 if outcome is None:
                     outcome = {"error": f"failed to trim: no result within {timeout:g} seconds"}
-                results.append({"path": _reply_text(mount.dirname), **outcome})
+                results.append(_trim_result(_reply_text(mount.dirname), outcome))
             return results
 
     def _trim_one(self, dirname: str) -> dict:
@@ -419,6 +419,13 @@ class _TrimJob:
             os.close(fd)
         _, trimmed, minimum = FSTRIM_RANGE.unpack(request)
         return {"trimmed": _as_int64(trimmed), "minimum": _as_int64(minimum)}
+
+
+def _trim_result(path: str, outcome: dict) -> dict:
+    # qemu-ga's members come out in QDict order (qga.qdict_order), not QAPI's.
+    if "error" in outcome:
+        return {"path": path, "error": outcome["error"]}
+    return {"minimum": outcome["minimum"], "path": path, "trimmed": outcome["trimmed"]}
 
 
 def _as_int64(value: int) -> int:

@@ -384,6 +384,7 @@ def test_fstrim_reports_per_path_errors(statedir, loopfs, monkeypatch):
     validate_return(None, "guest-fstrim", reply)
     [entry] = reply["paths"]
     assert entry == {"path": loopfs.path, "error": "failed to trim: Invalid argument"}
+    assert list(entry) == ["path", "error"]  # qemu-ga's (QDict) member order
 
 
 def test_fstrim_time_limit(statedir, loopfs, monkeypatch):
