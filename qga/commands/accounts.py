@@ -25,7 +25,6 @@ temporary file, given to the user and renamed into place (atomic).
 from __future__ import annotations
 
 import os
-import shutil
 from typing import List, Optional
 
 from qga.commands import command
@@ -47,6 +46,8 @@ def set_user_password(ctx, username, password, crypted):
         raise CommandError("forbidden characters in raw password")
     if "\n" in username or ":" in username:
         raise CommandError("forbidden characters in username")
+    import shutil
+
     chpasswd = shutil.which("chpasswd")
     if chpasswd is None:
         raise CommandError("cannot find 'passwd' program in PATH")
