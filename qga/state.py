@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import secrets
 from typing import Optional
 
 from qga.errors import StateError
@@ -82,7 +81,7 @@ def _create_temporary(directory: str, name: str, mode: int):
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     for _ in range(100):
         # Same shape as GLib's temporary name (qga.state.XXXXXX).
-        temp_path = os.path.join(directory, f"{name}.{secrets.token_hex(3)}")
+        temp_path = os.path.join(directory, f"{name}.{os.urandom(3).hex()}")
         try:
             return os.open(temp_path, flags, mode), temp_path
         except FileExistsError:

@@ -36,16 +36,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from qga.commands import command
 from qga.errors import CommandError, StateError
-
-try:
-    from qga.protocol import AsciiText
-except ImportError:  # the protocol package is being built in parallel
-
-    class AsciiText(bytes):  # type: ignore[no-redef]
-        """Printable ASCII the reply encoder may write as a JSON string unchanged."""
-
-        __slots__ = ()
-
+from qga.protocol import AsciiText
 
 log = logging.getLogger(__name__)
 
