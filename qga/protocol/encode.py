@@ -1,7 +1,10 @@
 """Replies out: qemu's JSON writer (``qobject/qjson.c``), byte for byte.
 
 Style as qemu-ga writes it: ``": "`` after keys, ``", "`` between members,
-one reply per line ending in ``\\n``.  Strings are pure ASCII: every code
+one reply per line ending in ``\\n``.  Object members come out in QDict
+order (qemu's hash-bucket order, :mod:`qga.qdict_order`), whatever order the
+handler or the host used: an echoed ``id`` object is reordered exactly as
+qemu-ga reorders it.  Strings are pure ASCII: every code
 point from 0x7F up and every control character becomes ``\\uXXXX`` with
 *uppercase* hex (surrogate pairs above the BMP), noncharacters become
 ``\\uFFFD``, ``/`` is not escaped.  Doubles print like ``%.17g`` (so an id of
@@ -12,10 +15,12 @@ JSON: a real qemu-ga quirk kept on purpose).
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from json.encoder import encode_basestring_ascii  # the C implementation
-from typing import Any, List
+from typing import Any, List, Tuple
 
 from qga.protocol.text import REPLACEMENT, NONCHARACTER
+from qga.qdict_order import qdict_order
 
 
 class AsciiText(bytes):
@@ -36,6 +41,12 @@ _EMPTY_RETURN = b'{"return": {}}\n'
 def _uppercase_escape(match: "re.Match[str]") -> str:
     escape = match.group(1)
     return "\\\\" if escape == "\\" else "\\u" + escape[1:].upper()
+
+
+@lru_cache(maxsize=1024)
+def _member_order(keys: Tuple[str, ...]) -> Tuple[str, ...]:
+    # Replies reuse a few key sets (one per return type), so this is a cache hit.
+    return tuple(qdict_order(keys))
 
 
 def encode_string(text: str) -> str:
@@ -71,12 +82,15 @@ def _encode(value: Any, out: List[Any]) -> None:
         if not value:
             out.append("{}")
             return
+        keys = tuple(value)
+        if len(keys) > 1:
+            keys = _member_order(keys)
         separator = "{"
-        for key, member in value.items():
+        for key in keys:
             out.append(separator)
             out.append(encode_string(key))
             out.append(": ")
-            _encode(member, out)
+            _encode(value[key], out)
             separator = ", "
         out.append("}")
     elif isinstance(value, (list, tuple)):
