@@ -1,4 +1,4 @@
-"""Our own limits on guest-file-open and guest-exec, through the real agent process.
+"""guest-file/guest-exec behaviour only the real agent process shows: our limits, reaping.
 
 ``--file-allow-dirs`` and ``--exec-allow-programs`` reach the handlers from
 the command line; refusals look to the host like qemu-ga's EACCES answers.
@@ -56,3 +56,15 @@ def test_listed_programs_only(fenced_agent):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert base64.b64decode(status["out-data"]) == b"hi\n"
+
+
+def test_children_are_reaped_without_a_status_request(agent):
+    """The agent's loop reaps an exited child at once: no zombie waits for the host."""
+    with agent.connect() as connection:
+        pid = connection.call("guest-exec", {"path": "true"})["return"]["pid"]
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}"):
+            assert time.monotonic() < deadline, "the child stayed a zombie"
+            time.sleep(0.01)
+        assert connection.call("guest-exec-status", {"pid": pid}) == {
+            "return": {"exitcode": 0, "exited": True}}
