@@ -22,7 +22,7 @@ from typing import List, Optional
 from qga.commands import Context, collect_handlers
 from qga.errors import StateError
 from qga.loop import Loop
-from qga.protocol import DELIMITER, NEED_DATA, Parser, Request, encode_reply
+from qga.protocol import DELIMITER, NEED_DATA, Parser, Request, encode_reply_chunks
 
 log = logging.getLogger("qga.agent")
 
@@ -182,11 +182,11 @@ class Agent:
                 reply = dispatcher.error_reply(event.error)
             if reply is None:
                 continue  # guest-shutdown and the suspends answer nothing on success
-            line = encode_reply(reply)
+            chunks = encode_reply_chunks(reply)
             if ctx.take_delimit_flag():
-                line = DELIMITER + line
-            pending.append(line)
-            size += len(line)
+                chunks[0] = DELIMITER + chunks[0]
+            pending.extend(chunks)
+            size += sum(map(len, chunks))
             if size >= _MAX_PENDING_OUTPUT:
                 self._write(pending)
                 pending = []
@@ -194,6 +194,18 @@ class Agent:
         if pending:
             self._write(pending)
 
-    def _write(self, lines: List[bytes]) -> None:
-        if self.channel is not None:
-            self.channel.write(lines[0] if len(lines) == 1 else b"".join(lines))
+    def _write(self, chunks: List[bytes]) -> None:
+        """Write small chunks joined (one system call), big ones as they are."""
+        if self.channel is None:
+            return
+        batch: List[bytes] = []
+        for chunk in chunks:
+            if len(chunk) < _MAX_PENDING_OUTPUT:
+                batch.append(chunk)
+                continue
+            if batch:
+                self.channel.write(b"".join(batch))
+                batch = []
+            self.channel.write(chunk)
+        if batch:
+            self.channel.write(batch[0] if len(batch) == 1 else b"".join(batch))

@@ -133,24 +133,96 @@ def open_log_file(path: str) -> TextIO:
 
 
 class SyslogHandler(logging.Handler):
-    """qemu-ga's audit channel: syslog(LOG_INFO, "info: %s")."""
+    """qemu-ga's audit channel: ``syslog(LOG_INFO, "info: %s")``, made cheap.
 
-    def __init__(self, ident: str = "qemu-ga"):
+    qemu-ga writes an audit line for every command, so a host that pipelines
+    requests pays one syslog call per request.  This handler formats the
+    datagram glibc's ``syslog()`` would send (``<14>Mmm dd hh:mm:ss qemu-ga:
+    info: ...``) and sends it on a socket it keeps connected, instead of
+    glibc's reconnect-per-call when no syslog daemon listens; without a
+    daemon it retries the connection at most every :attr:`RECONNECT_DELAY`
+    seconds.
+
+    Identical consecutive lines within :attr:`REPEAT_WINDOW` seconds are
+    counted, not sent, and reported as "last message repeated N times" when a
+    different line comes, when the window has passed, or at close, as syslog
+    daemons do: a host flooding one command cannot flood the guest's log.
+    """
+
+    RECONNECT_DELAY = 10.0
+    REPEAT_WINDOW = 30.0
+
+    def __init__(self, is_frozen: Callable[[], bool] = lambda: False, ident: str = "qemu-ga",
+                 address: str = "/dev/log", clock: Callable[[], float] = time.time):
         super().__init__(logging.INFO)
-        import syslog
-
-        self._syslog = syslog
-        syslog.openlog(ident, 0, syslog.LOG_USER)
+        self.is_frozen = is_frozen  # nothing is written while frozen
+        self.ident = ident
+        self.address = address
+        self._clock = clock
+        self._socket = None
+        self._next_connect = 0.0
+        self._last: Optional[str] = None
+        self._last_sent = 0.0
+        self._repeats = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            name = glib_level(record.levelno)[0]
-            self._syslog.syslog(self._syslog.LOG_INFO, f"{name}: {record.getMessage()}")
+            self.write_audit(record.getMessage(), glib_level(record.levelno)[0])
         except Exception:  # noqa: BLE001 - logging must never break the agent
             self.handleError(record)
 
+    def write_audit(self, message: str, level: str = "info") -> None:
+        """Send one audit line (the fast path :func:`audit` uses)."""
+        if self.is_frozen():
+            return
+        line = f"{level}: {message}"
+        now = self._clock()
+        if line == self._last and now - self._last_sent < self.REPEAT_WINDOW:
+            self._repeats += 1
+            return
+        self._report_repeats(now)
+        self._send(line, now)
+        self._last = line
+        self._last_sent = now
+
+    def _report_repeats(self, now: float) -> None:
+        if self._repeats:
+            self._send(f"last message repeated {self._repeats} times", now)
+            self._repeats = 0
+
+    def _send(self, line: str, now: float) -> None:
+        stamp = time.strftime("%b %e %H:%M:%S", time.localtime(now))
+        datagram = f"<14>{stamp} {self.ident}: {line}".encode("utf-8", "backslashreplace")
+        sock = self._connected(now)
+        if sock is None:
+            return
+        try:
+            sock.send(datagram)
+        except OSError:
+            sock.close()  # the daemon went away: reconnect on a later line
+            self._socket = None
+
+    def _connected(self, now: float):
+        if self._socket is None and now >= self._next_connect:
+            import socket
+
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(self.address)
+            except OSError:
+                sock.close()
+                self._next_connect = now + self.RECONNECT_DELAY
+                return None
+            sock.setblocking(False)  # a stuck daemon must not stop the agent
+            self._socket = sock
+        return self._socket
+
     def close(self) -> None:
-        self._syslog.closelog()
+        if not self.is_frozen():
+            self._report_repeats(self._clock())
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
         super().close()
 
 
@@ -196,8 +268,7 @@ def setup_logging(config, is_frozen: Callable[[], bool], use_syslog: bool = True
 
     audit_handler = None
     if use_syslog:
-        audit_handler = SyslogHandler()
-        audit_handler.addFilter(frozen_filter)
+        audit_handler = SyslogHandler(is_frozen)
 
     setup = LoggingSetup(handler, audit_handler)
     logger = logging.getLogger(LOGGER_NAME)
@@ -213,9 +284,25 @@ def setup_logging(config, is_frozen: Callable[[], bool], use_syslog: bool = True
     return setup
 
 
+_AUDIT_LOGGER = logging.getLogger(AUDIT_LOGGER_NAME)
+
+
 def audit(message: str) -> None:
-    """One of qemu-ga's audit lines (syslog LOG_INFO, "info: " prefix)."""
-    logging.getLogger(AUDIT_LOGGER_NAME).info(message)
+    """One of qemu-ga's audit lines (syslog LOG_INFO, "info: " prefix).
+
+    It runs for every command, so it skips building a LogRecord when the
+    handler has a fast path.
+    """
+    logger = _AUDIT_LOGGER
+    if logger.propagate:
+        logger.info(message)  # not set up by setup_logging (tests): plain logging
+        return
+    for handler in logger.handlers:
+        write = getattr(handler, "write_audit", None)
+        if write is None:
+            handler.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, message, None, None))
+        else:
+            write(message)
 
 
 def stderr_is_journal() -> bool:

@@ -5,7 +5,7 @@ Nothing here touches a socket, a file or a clock.  See
 output.
 """
 
-from qga.protocol.encode import AsciiText, encode_reply, encode_value
+from qga.protocol.encode import AsciiText, encode_reply, encode_reply_chunks, encode_value
 from qga.protocol.stream import NEED_DATA, ParseFailure, Parser, Request
 
 # guest-sync-delimited: the host discards everything up to this byte.
@@ -13,5 +13,5 @@ DELIMITER = b"\xff"
 
 __all__ = [
     "AsciiText", "DELIMITER", "NEED_DATA", "ParseFailure", "Parser", "Request",
-    "encode_reply", "encode_value",
+    "encode_reply", "encode_reply_chunks", "encode_value",
 ]

@@ -23,15 +23,38 @@ from qga.protocol.text import REPLACEMENT, NONCHARACTER
 from qga.qdict_order import qdict_order
 
 
-class AsciiText(bytes):
+class AsciiText:
     """Text known to be printable ASCII with nothing to escape (base64).
 
-    A handler may return it where the schema says ``str``; the encoder copies
-    it into the reply as is, which spares a 64 MiB ``str`` for a big
-    ``guest-file-read``.
+    A handler may return it where the schema says ``str``.  It wraps the
+    bytes without copying them, and :func:`encode_reply_chunks` hands them
+    to the channel as they are: a 48 MiB ``guest-file-read`` costs no 64 MiB
+    ``str`` and no copy into one reply buffer.  It compares equal to the same
+    bytes.
     """
 
-    __slots__ = ()
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AsciiText):
+            other = other.data
+        return isinstance(other, (bytes, bytearray)) and self.data == other
+
+    def __hash__(self) -> int:
+        return hash(self.data)
+
+    def __repr__(self) -> str:
+        shown = self.data if len(self.data) <= 40 else self.data[:40] + b"..."
+        return f"AsciiText({shown!r})"
 
 
 _ESCAPE = re.compile(r"\\(\\|u[0-9a-f]{4})")
@@ -61,7 +84,7 @@ def encode_string(text: str) -> str:
 
 
 def _encode(value: Any, out: List[Any]) -> None:
-    # ``out`` collects str pieces and, for AsciiText, bytes pieces.
+    # ``out`` collects str pieces and, for AsciiText, its bytes uncopied.
     if isinstance(value, str):
         out.append(encode_string(value))
     elif value is True:
@@ -75,9 +98,9 @@ def _encode(value: Any, out: List[Any]) -> None:
     elif isinstance(value, float):
         out.append("%.17g" % value)
     elif isinstance(value, AsciiText):
-        out.append(b'"')
-        out.append(value)
-        out.append(b'"')
+        out.append('"')
+        out.append(value.data)
+        out.append('"')
     elif isinstance(value, dict):
         if not value:
             out.append("{}")
@@ -109,15 +132,37 @@ def _encode(value: Any, out: List[Any]) -> None:
 
 def encode_value(value: Any) -> bytes:
     """One JSON value in qemu's style (no newline)."""
-    out: List[Any] = []
-    _encode(value, out)
-    if all(isinstance(piece, str) for piece in out):
-        return "".join(out).encode("ascii")
-    return b"".join(piece.encode("ascii") if isinstance(piece, str) else piece for piece in out)
+    return b"".join(_chunks(value, ""))
 
 
 def encode_reply(reply: dict) -> bytes:
-    """A reply line: the dict's members in its order, then ``\\n``."""
+    """A reply line: the dict's members in QDict order, then ``\\n``."""
     if len(reply) == 1 and reply.get("return", None) == {} and isinstance(reply["return"], dict):
         return _EMPTY_RETURN
-    return encode_value(reply) + b"\n"
+    return b"".join(_chunks(reply, "\n"))
+
+
+def encode_reply_chunks(reply: dict) -> List[bytes]:
+    """The reply line as chunks to write in order, without joining big payloads.
+
+    Usually one chunk; an :class:`AsciiText` payload stays a chunk of its own
+    so a large reply is never copied into one buffer.
+    """
+    return _chunks(reply, "\n")
+
+
+def _chunks(value: Any, end: str) -> List[bytes]:
+    out: List[Any] = []
+    _encode(value, out)
+    out.append(end)
+    chunks: List[bytes] = []
+    text: List[str] = []
+    for piece in out:
+        if isinstance(piece, str):
+            text.append(piece)
+        else:
+            chunks.append("".join(text).encode("ascii"))
+            chunks.append(piece)
+            text = []
+    chunks.append("".join(text).encode("ascii"))
+    return chunks

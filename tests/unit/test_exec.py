@@ -86,7 +86,7 @@ def run(context, path, **arguments) -> dict:
 
 
 def decoded(reply: dict, stream: str) -> bytes:
-    return base64.b64decode(reply[f"{stream}-data"])
+    return base64.b64decode(bytes(reply[f"{stream}-data"]))
 
 
 def spawn_error(context, path, **arguments) -> str:
