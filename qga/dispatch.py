@@ -29,6 +29,7 @@ import copy
 import logging
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional
 
+from qga.commands import DeferredHandler
 from qga.errors import CommandError, CommandDisabled, CommandNotFound, InputError
 from qga.qdict_order import qdict_order
 
@@ -148,8 +149,10 @@ class Dispatcher:
         if reason is not None:
             raise CommandDisabled(f"Command {name} has been disabled{reason}")
         visitor = entry.visitor
-        if visitor is None:
+        if visitor is None:  # the command's first call: build what it needs
             visitor = entry.visitor = self.schema.visitor(name)
+            if isinstance(entry.handler, DeferredHandler):
+                entry.handler = entry.handler.load()
         kwargs = visitor(arguments)
         try:
             result = entry.handler(self.ctx, **kwargs)

@@ -135,9 +135,16 @@ def encode_value(value: Any) -> bytes:
     return b"".join(_chunks(value, ""))
 
 
+def _is_empty_return(reply: dict) -> bool:
+    if len(reply) != 1:
+        return False
+    value = reply.get("return")
+    return type(value) is dict and not value
+
+
 def encode_reply(reply: dict) -> bytes:
     """A reply line: the dict's members in QDict order, then ``\\n``."""
-    if len(reply) == 1 and reply.get("return", None) == {} and isinstance(reply["return"], dict):
+    if _is_empty_return(reply):
         return _EMPTY_RETURN
     return b"".join(_chunks(reply, "\n"))
 
@@ -148,6 +155,8 @@ def encode_reply_chunks(reply: dict) -> List[bytes]:
     Usually one chunk; an :class:`AsciiText` payload stays a chunk of its own
     so a large reply is never copied into one buffer.
     """
+    if _is_empty_return(reply):
+        return [_EMPTY_RETURN]
     return _chunks(reply, "\n")
 
 
@@ -155,6 +164,10 @@ def _chunks(value: Any, end: str) -> List[bytes]:
     out: List[Any] = []
     _encode(value, out)
     out.append(end)
+    try:
+        return ["".join(out).encode("ascii")]
+    except TypeError:
+        pass  # an AsciiText payload: keep it a chunk of its own
     chunks: List[bytes] = []
     text: List[str] = []
     for piece in out:

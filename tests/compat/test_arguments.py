@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from qga.commands import Context, collect_handlers
+from qga.commands import Context, module_handlers
 from qga.dispatch import Dispatcher, Policy
 from qga.qdict_order import qdict_order
 from qga.schema import LINUX_DEFINES, Schema
@@ -148,7 +148,7 @@ def _stub(ctx, **kwargs):
 def _our_dispatcher(state=None, policy=None, **overrides) -> Dispatcher:
     """Our dispatcher with every non-core handler replaced by a stub."""
     handlers = {name: _stub for name in SCHEMA.command_names()}
-    handlers.update(collect_handlers(["qga.commands.core"]))
+    handlers.update(module_handlers("qga.commands.core"))
     handlers.update(overrides)
     return Dispatcher(SCHEMA, handlers, Context(config=None, state=state), policy)
 

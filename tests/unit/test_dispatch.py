@@ -8,7 +8,7 @@ import time
 import pytest
 
 from qga import QEMU_GA_VERSION
-from qga.commands import Context, collect_handlers, command
+from qga.commands import Context, command, module_handlers
 from qga.dispatch import FROZEN_SAFE_COMMANDS, Dispatcher, Policy
 from qga.errors import CommandError, JSONParseError, Unsupported
 from qga.schema import LINUX_DEFINES, Schema
@@ -53,7 +53,7 @@ class Recorder:
 
 def make(handlers=None, policy=None, frozen=False):
     recorder = Recorder()
-    table = dict(collect_handlers(["qga.commands.core"]))
+    table = dict(module_handlers("qga.commands.core"))
     table.update(recorder.handlers(handlers or ["guest-get-time", "guest-file-open", "guest-file-read",
                                                 "guest-shutdown", "guest-fsfreeze-thaw", "guest-set-memory-blocks",
                                                 "guest-fsfreeze-status"]))
