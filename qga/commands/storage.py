@@ -122,8 +122,11 @@ def resolve_sysfs(path: str) -> str:
     """``realpath()`` for sysfs links; raises OSError like realpath would.
 
     A sysfs device link points at a path made of directories only, so one
-    ``readlink`` does what ``realpath`` does with a system call per component.
+    ``readlink`` does what ``realpath`` does with a system call per
+    component; a ``stat`` first fails the way realpath fails (a missing
+    target, a loop, no permission).
     """
+    os.stat(path)
     try:
         target = os.readlink(path)
     except OSError as error:

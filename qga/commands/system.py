@@ -270,9 +270,9 @@ class OsRelease:
             values = {member: os_release_value(values[key])
                       for key, member in OS_RELEASE_FIELDS if key in values}
         # Like git's "racy" entries: a file changed within the last moments
-        # could change again without a visible timestamp change, so it is
-        # not remembered until it has been quiet for a while.
-        if time.time_ns() - info.st_mtime_ns > RACY_NS and time.time_ns() - info.st_ctime_ns > RACY_NS:
+        # could change again without a visible change of its ctime (a coarse
+        # clock), so it is not remembered until it has been quiet for a while.
+        if time.time_ns() - info.st_ctime_ns > RACY_NS:
             self._cache[path] = (identity, values)
         else:
             self._cache.pop(path, None)
