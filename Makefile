@@ -8,8 +8,7 @@
 # LAYOUT picks where systemd and udev files go: debian (/lib/...) or fedora
 # (/usr/lib/...); it defaults to the system we run on.  Every directory can
 # also be set on its own.  Nothing is fetched from the network: the wheel is
-# built with the setuptools already installed for $(PYTHON) and installed
-# without dependencies (the distribution provides python3-psutil,
+# installed without dependencies (the distribution provides python3-psutil,
 # python3-jsonschema, python3-cryptography and python3-serial).
 
 PYTHON ?= python3
@@ -25,17 +24,29 @@ BUILDDIR ?= build
 ifeq ($(LAYOUT),debian)
 UNITDIR ?= /lib/systemd/system
 UDEVDIR ?= /lib/udev/rules.d
-# Debian's Python installs under /usr/local unless told this is a package
-# build; then it uses /usr/lib/python3/dist-packages.
-PIP_LAYOUT = DEB_PYTHON_INSTALL_LAYOUT=deb
 else ifeq ($(LAYOUT),fedora)
 UNITDIR ?= /usr/lib/systemd/system
 UDEVDIR ?= /usr/lib/udev/rules.d
-PIP_LAYOUT =
 else
 $(error LAYOUT must be debian or fedora, not '$(LAYOUT)')
 endif
 
+# Where the Python package goes follows the interpreter, not LAYOUT.  The
+# distributions' Pythons put pip's installs under /usr/local unless they are
+# told a package is being built (Debian: DEB_PYTHON_INSTALL_LAYOUT, then
+# /usr/lib/python3/dist-packages; Fedora: RPM_BUILD_ROOT), and Debian's turns
+# --prefix=/usr/local into /usr/local/local: so /usr/local is their default
+# and any other prefix is a package build.
+ifeq ($(PREFIX),/usr/local)
+PIP_INSTALL = $(PIP) install
+else
+PIP_INSTALL = DEB_PYTHON_INSTALL_LAYOUT=deb RPM_BUILD_ROOT=$(or $(DESTDIR),/) $(PIP) install --prefix=$(PREFIX)
+endif
+
+# The wheel is built with the setuptools (>= 61) and wheel installed for
+# $(PYTHON), offline.  PIP_WHEEL_FLAGS= lets pip fetch them into an isolated
+# build environment instead.
+PIP_WHEEL_FLAGS ?= --no-build-isolation --no-index
 PIP = PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 $(PYTHON) -m pip
 WHEEL_STAMP = $(BUILDDIR)/wheel/.built
 MAN_PAGES = contrib/man/qga.8 contrib/man/qgactl.8 contrib/man/qga.conf.5 \
@@ -58,8 +69,7 @@ $(WHEEL_STAMP): $(SOURCES)
 	mkdir -p $(BUILDDIR)/src $(BUILDDIR)/wheel
 	tar -ch --exclude=__pycache__ pyproject.toml README.md qapi-schema.json qga \
 		| tar -x -C $(BUILDDIR)/src
-	$(PIP) wheel -q --no-deps --no-index --no-build-isolation \
-		-w $(BUILDDIR)/wheel $(BUILDDIR)/src
+	$(PIP) wheel -q --no-deps $(PIP_WHEEL_FLAGS) -w $(BUILDDIR)/wheel $(BUILDDIR)/src
 	touch $@
 
 $(BUILDDIR)/man/qga-ref.7: qapi-schema.json qga/docs.py qga/schema.py
@@ -69,8 +79,8 @@ $(BUILDDIR)/man/qga-ref.7: qapi-schema.json qga/docs.py qga/schema.py
 install: install-python install-data
 
 install-python: $(WHEEL_STAMP)
-	$(PIP_LAYOUT) $(PIP) install -q --no-deps --no-index --no-warn-script-location \
-		--root=$(or $(DESTDIR),/) --prefix=$(PREFIX) $(BUILDDIR)/wheel/qga-*.whl
+	$(PIP_INSTALL) -q --no-deps --no-index --no-warn-script-location \
+		--root=$(or $(DESTDIR),/) $(BUILDDIR)/wheel/qga-*.whl
 
 # The unit names /usr/bin and /etc/qga; other prefixes are written in.
 install-data: man
