@@ -59,6 +59,8 @@ class Agent:
             self._build(state)
             self._install_signals()
             self._open_channel()
+            if self._exit_status:
+                return self._exit_status  # gave up before the loop ran: stop() had no loop to stop
             self._notify_ready()
             self.loop.run()
             return self._exit_status
