@@ -21,9 +21,9 @@ The order of events is qemu-ga's (9.1+):
    daemonizing with ``-d``).
 
 Our own long options: ``--file-allow-dirs``, ``--exec-allow-programs``,
-``--fsfreeze-max-frozen-time`` (see :mod:`qga.config`).  They make some
-abbreviations qemu-ga accepts ambiguous (``--f``, ``--fsfreeze``); the full
-names are unaffected.
+``--fsfreeze-max-frozen-time``, ``--allow-unsigned-extensions`` (see
+:mod:`qga.config`).  They make some abbreviations qemu-ga accepts ambiguous
+(``--f``, ``--fsfreeze``, ``--a``, ``--allow``); the full names are unaffected.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ NO_ARGUMENT, REQUIRED_ARGUMENT, OPTIONAL_ARGUMENT = 0, 1, 2
 FILE_ALLOW_DIRS = "file-allow-dirs"
 EXEC_ALLOW_PROGRAMS = "exec-allow-programs"
 MAX_FROZEN_TIME = "fsfreeze-max-frozen-time"
+ALLOW_UNSIGNED = "allow-unsigned-extensions"
 
 SOCKET_ACTIVATION_FD = 3
 
@@ -80,6 +81,7 @@ LONG_OPTIONS = (
     LongOption(FILE_ALLOW_DIRS, REQUIRED_ARGUMENT, FILE_ALLOW_DIRS),
     LongOption(EXEC_ALLOW_PROGRAMS, REQUIRED_ARGUMENT, EXEC_ALLOW_PROGRAMS),
     LongOption(MAX_FROZEN_TIME, REQUIRED_ARGUMENT, MAX_FROZEN_TIME),
+    LongOption(ALLOW_UNSIGNED, NO_ARGUMENT, ALLOW_UNSIGNED),
 )
 
 ERROR = "?"  # the code getopt_long() returns for a bad option
@@ -251,6 +253,8 @@ def apply_option(code: str, value: Optional[str], prog: str, config: Config) -> 
             config.add_block_rpcs(value)
         else:
             config.add_allow_rpcs(value)
+    elif code == ALLOW_UNSIGNED:
+        config.allow_unsigned_extensions = True
     elif code in (FILE_ALLOW_DIRS, EXEC_ALLOW_PROGRAMS, MAX_FROZEN_TIME):
         apply_our_option(code, value, prog, config)
     # "c" was handled by the first pass; "s" is Windows-only and ignored.
@@ -343,7 +347,9 @@ def run(config: Config) -> int:
 
         return Agent(config).run()
     except QgaError as error:
-        critical(str(error))
+        # Set-up failed (state directory, log file): qemu-ga's two lines.
+        log_critical(str(error))
+        log_critical("error initializing guest agent")
         return 1
     finally:
         if config.daemonize:
@@ -367,6 +373,17 @@ def critical(message: str) -> None:
     from qga.log import glib_message
 
     glib_message("critical", message)
+
+
+def log_critical(message: str) -> None:
+    """A critical line in qemu-ga's log format, on stderr (logging is not set up)."""
+    import logging
+    import time
+
+    from qga.log import format_line
+
+    sys.stderr.write(format_line(time.time(), logging.CRITICAL, message) + "\n")
+    sys.stderr.flush()
 
 
 def warning(message: str) -> None:
@@ -427,5 +444,7 @@ Options of qga only (also keys of the [qga] group of the config file):
                     comma-separated programs; guest-exec may only run these
       --fsfreeze-max-frozen-time=SECONDS
                     thaw filesystems by ourselves after this long (0 = never)
+      --allow-unsigned-extensions
+                    accept extension bundles that are not signed
 
 """

@@ -252,13 +252,18 @@ def setup_logging(config, is_frozen: Callable[[], bool], use_syslog: bool = True
     """Send the ``qga`` loggers' records where qemu-ga sends its messages.
 
     ``config`` supplies ``logfile`` (None = stderr) and ``verbose``.  Raises
-    :class:`OSError` when the log file cannot be opened (qemu-ga then stops
-    with "unable to open specified log file: <strerror>").
+    :class:`~qga.errors.ConfigError` with qemu-ga's message when the log file
+    cannot be opened.
     """
     logging.addLevelName(MESSAGE, "MESSAGE")
     frozen_filter = FrozenFilter(is_frozen)
     if config.logfile:
-        handler: logging.Handler = LogFileHandler(config.logfile, open_now=not is_frozen())
+        try:
+            handler: logging.Handler = LogFileHandler(config.logfile, open_now=not is_frozen())
+        except OSError as error:
+            from qga.errors import ConfigError
+
+            raise ConfigError(f"unable to open specified log file: {os.strerror(error.errno)}") from None
         journal = False
     else:
         handler = logging.StreamHandler(sys.stderr)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,6 @@ from qga import cli
 from qga.cli import ERROR, getopt_long, main, socket_activation_count, socket_activation_method
 from qga.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def opts(*args, posixly_correct=False):

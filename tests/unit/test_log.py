@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from qga.config import Config
+from qga.errors import ConfigError
 from qga.log import format_line, glib_message, setup_logging
 
-REPO = Path(__file__).resolve().parents[2]
 LINE = re.compile(r"^\d+\.\d{6}: (\w+): (.*)$")
 
 
@@ -99,9 +99,10 @@ def test_log_file_waits_for_the_thaw_when_starting_frozen(tmp_path, installed, l
 
 
 def test_unopenable_log_file_fails_setup(tmp_path):
-    with pytest.raises(OSError):
+    with pytest.raises(ConfigError) as caught:
         setup_logging(Config(logfile=str(tmp_path / "no" / "such" / "dir.log")), Frozen(),
                       use_syslog=False)
+    assert str(caught.value) == "unable to open specified log file: No such file or directory"
 
 
 def test_close_restores_the_logger(tmp_path, logger):
