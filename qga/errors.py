@@ -20,6 +20,16 @@ ever reach the wire, and they carry the two error classes qemu-ga sends.
     ├── ConfigError             -> bad command line or config file (exit status 1)
     ├── ChannelError            -> the transport cannot be opened or failed
     ├── StateError              -> the state directory cannot be read or written
+    ├── ExtensionError          -> an extension bundle is refused (host commands send
+    │   │                          the message as a GenericError desc)
+    │   ├── BundleError         -> the archive is malformed, unsafe, too big, or disagrees
+    │   │   │                      with its manifest; extraction failed (disk full)
+    │   │   └── ManifestError   -> manifest.json is not valid JSON or breaks its schema
+    │   ├── TrustError          -> the trust store is unusable (insecure permissions, a bad
+    │   │                          key file) or no trusted key may sign this extension
+    │   ├── SignatureError      -> the signature or statement is missing, malformed or does
+    │   │                          not match; or an unsigned bundle while those are refused
+    │   └── RollbackError       -> the statement's counter is not above the installed one
     └── ClientError             -> host side (qga.host): talking to an agent
         ├── AgentError          -> the agent answered with an error reply
         ├── ConnectionLost      -> the socket closed or broke
@@ -102,6 +112,37 @@ class ChannelError(QgaError):
 
 class StateError(QgaError):
     """The state directory cannot be read or written."""
+
+
+# -- extension bundles ---------------------------------------------------------
+
+
+class ExtensionError(QgaError):
+    """An extension bundle, its statement or its trust is refused; the message says why."""
+
+
+class BundleError(ExtensionError):
+    """The archive is malformed, unsafe, over a cap, or disagrees with its manifest.
+
+    Also raised when extraction fails (no space left): the partial directory
+    is removed first.
+    """
+
+
+class ManifestError(BundleError):
+    """``manifest.json`` is not strict JSON or does not follow the manifest schema."""
+
+
+class TrustError(ExtensionError):
+    """The trust store cannot be used, or no trusted key is allowed to sign this extension."""
+
+
+class SignatureError(ExtensionError):
+    """The statement or signature is missing, malformed or does not verify."""
+
+
+class RollbackError(ExtensionError):
+    """The bundle's counter is not higher than the installed one (a replay or a downgrade)."""
 
 
 # -- host side -----------------------------------------------------------------
