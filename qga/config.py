@@ -54,6 +54,10 @@ Keys of group ``[qga]`` (our own; qemu-ga ignores groups it does not know):
 ``fsfreeze-max-frozen-time``  seconds after which the agent thaws frozen
                               filesystems by itself; 0 = never (default)
                               (``--fsfreeze-max-frozen-time``)
+``allow-unsigned-extensions`` boolean: accept extension bundles without a
+                              signature (default false: signatures required;
+                              see :mod:`qga.ext.verify`); ``-D`` prints it
+                              only when true (``--allow-unsigned-extensions``)
 
 Our lists accumulate like qemu-ga's, but keep their order and drop empty items.
 """
@@ -104,7 +108,7 @@ class Config:
         "method", "path", "logfile", "pidfile", "fsfreeze_hook", "statedir",
         "verbose", "daemonize", "retry_path", "block_rpcs", "allow_rpcs",
         "file_allow_dirs", "exec_allow_programs", "fsfreeze_max_frozen_time",
-        "listen_fd", "config_path",
+        "allow_unsigned_extensions", "listen_fd", "config_path",
     )
 
     def __init__(self, **values: object) -> None:
@@ -122,6 +126,7 @@ class Config:
         self.file_allow_dirs: List[str] = []
         self.exec_allow_programs: List[str] = []
         self.fsfreeze_max_frozen_time: float = 0
+        self.allow_unsigned_extensions: bool = False
         self.listen_fd: Optional[int] = None
         self.config_path: Optional[str] = None
         for name, value in values.items():
@@ -437,6 +442,8 @@ def load_file(config: Config, path: str, required: bool = False,
          lambda value: config.add_exec_allow_programs(value))
     read(OURS, "fsfreeze-max-frozen-time", keyfile.get_string,
          _checked(config.set_max_frozen_time, "fsfreeze-max-frozen-time", errors))
+    read(OURS, "allow-unsigned-extensions", keyfile.get_boolean,
+         assign("allow_unsigned_extensions"))
     if errors:
         _fail(path, errors[0])
 
@@ -488,6 +495,8 @@ def dump(config: Config) -> bytes:
         ("exec-allow-programs", ",".join(config.exec_allow_programs)),
         ("fsfreeze-max-frozen-time", str(config.fsfreeze_max_frozen_time)),
     ]
+    if config.allow_unsigned_extensions:
+        ours.append(("allow-unsigned-extensions", "true"))
     text = _group(GENERAL, general) + "\n" + _group(OURS, ours)
     return text.encode("utf-8", "surrogateescape")
 
