@@ -84,12 +84,17 @@ class AgentProcess:
 
 
 def our_agent(workdir: Path, extra: Sequence[str] = (), env: Optional[dict] = None) -> AgentProcess:
+    """``python -m qga`` from this repository, or, when ``$QGA_AGENT_PYTHON`` and
+    ``$QGA_AGENT_PYTHONPATH`` say so, another interpreter and installation
+    (tests/integration/test_distro_python.py runs the compat suite that way)."""
     statedir = workdir / "state"
     statedir.mkdir(exist_ok=True)
     sock = workdir / "qga.sock"
-    argv = [sys.executable, "-m", "qga", "-m", "unix-listen", "-p", str(sock), "-t", str(statedir), *extra]
+    python = os.environ.get("QGA_AGENT_PYTHON") or sys.executable
+    package_path = os.environ.get("QGA_AGENT_PYTHONPATH") or str(REPO)
+    argv = [python, "-m", "qga", "-m", "unix-listen", "-p", str(sock), "-t", str(statedir), *extra]
     run_env = dict(os.environ if env is None else env)
-    run_env["PYTHONPATH"] = str(REPO) + os.pathsep + run_env.get("PYTHONPATH", "")
+    run_env["PYTHONPATH"] = package_path + os.pathsep + run_env.get("PYTHONPATH", "")
     return AgentProcess(argv, workdir, sock, run_env)
 
 
