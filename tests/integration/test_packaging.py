@@ -419,3 +419,30 @@ def test_qgactl_logs_reads_the_log_file(logging_agent, short_tmp):
 def test_qgactl_refuses_a_process_that_is_not_qga(capsys):
     assert ctl.main(["--pid", str(os.getpid()), "status"]) == 1
     assert "is not qga" in capsys.readouterr().err
+
+
+# -- readiness, as Type=notify needs it ----------------------------------------------------
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_agent_tells_systemd_it_is_ready(short_tmp, abstract):
+    import socket
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if abstract:
+        name = f"qga-ready-{os.getpid()}-{os.urandom(4).hex()}"
+        listener.bind(b"\0" + name.encode())
+        address = "@" + name
+    else:
+        address = str(short_tmp / "notify")
+        listener.bind(address)
+    listener.settimeout(10)
+    agent = our_agent(short_tmp, env=dict(os.environ, NOTIFY_SOCKET=address))
+    try:
+        agent.start()
+        assert listener.recv(4096).split(b"\n")[0] == b"READY=1"
+        with agent.connect() as connection:  # ready means serving
+            assert connection.call("guest-ping") == {"return": {}}
+    finally:
+        agent.stop()
+        listener.close()
