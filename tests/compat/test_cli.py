@@ -229,3 +229,64 @@ def test_isa_serial_settings_match(short_tmp):
     assert ours[:6] == theirs[:6]
     assert ours[6][termios.VMIN] == theirs[6][termios.VMIN]
     assert ours[6][termios.VTIME] == theirs[6][termios.VTIME]
+
+
+# -- the channel as the agent opens it ---------------------------------------------------
+
+
+def run_agent_both(args, short_tmp, wait=None):
+    """Start qemu-ga and qga with ``args`` plus a fresh state directory.
+
+    Without ``wait`` each must exit by itself; with it, each is stopped
+    (SIGTERM) after ``wait`` seconds.  Returns their (status, stderr lines
+    without timestamps or debug lines).
+    """
+    results = []
+    for name, argv, env_extra in (
+        ("qemu-ga", [QEMU_GA], {}),
+        ("qga", [sys.executable, "-m", "qga"], {"PYTHONPATH": str(REPO)}),
+    ):
+        statedir = short_tmp / name
+        statedir.mkdir()
+        env = dict(os.environ, QGA_CONF="/nonexistent", **env_extra)
+        process = subprocess.Popen([*argv, *args, "-t", str(statedir)], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            if wait is not None:
+                time.sleep(wait)
+                process.terminate()
+            _, err = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        lines = [re.sub(r"^\d+\.\d+: ", "", line) for line in err.decode().splitlines()]
+        results.append((process.returncode, [line for line in lines if not line.startswith("debug: ")]))
+    return results
+
+
+@pytest.mark.parametrize("args", [
+    ["-m", "isa-serial", "-p", "/nonexistent/ttyS0"],
+    ["-m", "virtio-serial", "-p", "/nonexistent/org.qemu.guest_agent.0"],
+    ["-m", "unix-listen", "-p", "/nonexistent/dir/qga.sock"],
+    ["-m", "vsock-listen", "-p", "foo"],
+    ["-m", "vsock-listen", "-p", "2:x"],
+    ["-m", "vsock-listen", "-p", "3:1,2"],
+    ["-m", "bogus", "-p", "/x"],
+], ids=lambda args: " ".join(args))
+def test_channel_failures_match(short_tmp, args):
+    theirs, ours = run_agent_both(args, short_tmp)
+    assert ours == theirs
+    assert theirs[0] == 1
+
+
+def test_retry_path_messages_match(short_tmp):
+    args = ["-v", "-r", "-m", "isa-serial", "-p", str(short_tmp / "not-yet")]
+    theirs, ours = run_agent_both(args, short_tmp, wait=1.0)
+    assert ours[1] == theirs[1] == [
+        f"critical: error opening channel '{short_tmp / 'not-yet'}': No such file or directory",
+        "critical: failed to create guest agent channel",
+        "critical: failed to initialize guest agent channel",
+        "warning: agent stopped unexpectedly, restarting...",
+        "warning: waiting for channel path...",
+    ]
