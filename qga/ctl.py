@@ -19,10 +19,11 @@ implementation to drift.  With no process, the unit's ``ExecStart=`` and
 ``Environment=`` are used, and without systemd qgactl's own ``-c`` and
 ``$QGA_CONF``.
 
-Trust keys are files in ``/etc/qga/trust.d/`` (the admin's) and
-``/usr/lib/qga/trust.d/`` (shipped by packages).  qgactl manages them as
-files (copy in atomically, list with their SHA-256, remove); what a key file
-contains is the extension store's business (``qga.ext``).
+Trust keys are ``*.json`` files in ``/etc/qga/trust.d/`` (the admin's) and
+``/usr/lib/qga/trust.d/`` (shipped by packages), read by
+:mod:`qga.ext.trust`.  qgactl adds a file after the agent's own loader
+accepted it, writes it atomically, masks a vendor key with an empty admin
+file, and lists what the agent trusts (or why it refuses to trust anything).
 
 Exit status: 0 on success, 1 on failure, 2 for usage errors or a feature this
 installation lacks, 3 for ``status`` when the agent is not running (as
@@ -66,6 +67,7 @@ _FILE_KEYS = {
     ("qga", "file-allow-dirs"): "file_allow_dirs",
     ("qga", "exec-allow-programs"): "exec_allow_programs",
     ("qga", "fsfreeze-max-frozen-time"): "fsfreeze_max_frozen_time",
+    ("qga", "allow-unsigned-extensions"): "allow_unsigned_extensions",
 }
 _OPTION_ATTRIBUTES = {
     "d": "daemonize", "m": "method", "p": "path", "l": "logfile", "f": "pidfile",
@@ -73,6 +75,7 @@ _OPTION_ATTRIBUTES = {
     "b": "block_rpcs", "a": "allow_rpcs", "file-allow-dirs": "file_allow_dirs",
     "exec-allow-programs": "exec_allow_programs",
     "fsfreeze-max-frozen-time": "fsfreeze_max_frozen_time",
+    "allow-unsigned-extensions": "allow_unsigned_extensions",
 }
 # Settings whose file and command-line values add up.
 _LISTS = ("block_rpcs", "allow_rpcs", "file_allow_dirs", "exec_allow_programs")
@@ -413,99 +416,164 @@ def clear_stale_freeze(statedir: str, booted: Optional[float] = None) -> Optiona
 # -- trust keys ----------------------------------------------------------------------------
 
 
-class TrustStore:
-    """Key files in the admin's and the vendor's trust directories."""
+class TrustFiles:
+    """The trust directories as files: what each holds and what the agent makes of it.
+
+    The format and the rules are :mod:`qga.ext.trust`'s (``*.json`` files, the
+    admin's directory first, an empty admin file masking the vendor's of the
+    same name, fail closed on unsafe files); this class only reads and
+    writes files and asks :class:`qga.ext.trust.TrustStore` what it trusts.
+    """
 
     def __init__(self, admin_dir: str = ADMIN_TRUST_DIR, vendor_dir: str = VENDOR_TRUST_DIR):
         self.admin_dir = admin_dir
         self.vendor_dir = vendor_dir
 
-    def entries(self) -> List[Dict[str, object]]:
-        result = []
+    @property
+    def dirs(self) -> Tuple[str, str]:
+        return (self.admin_dir, self.vendor_dir)
+
+    def load(self):
+        """The agent's view: a TrustStore, or raises TrustError as the agent would."""
+        from qga.ext.trust import TrustStore
+
+        return TrustStore.load(self.dirs)
+
+    def report(self) -> Dict[str, object]:
+        """Every file of both directories with what it means; the store's error if any."""
+        from qga.errors import TrustError
+        from qga.ext.trust import TRUST_SUFFIX
+
+        try:
+            keys = {key.source: key for key in self.load().keys}
+            error = None
+        except TrustError as failure:
+            keys, error = {}, str(failure)
+        files = []
+        admin_names = set(_listdir(self.admin_dir))
         for origin, directory in (("admin", self.admin_dir), ("vendor", self.vendor_dir)):
-            try:
-                names = sorted(os.listdir(directory))
-            except FileNotFoundError:
-                continue
-            for name in names:
-                if name.startswith("."):
-                    continue  # temporary files of an atomic write
+            for name in _listdir(directory):
                 path = os.path.join(directory, name)
-                try:
-                    info = os.lstat(path)
-                except OSError:
-                    continue
-                if not stat.S_ISREG(info.st_mode):
-                    continue
-                result.append({"name": name, "origin": origin, "path": path,
-                               "sha256": _sha256(path), "mode": stat.S_IMODE(info.st_mode),
-                               "owner": info.st_uid, "problems": _trust_problems(info)})
-        return result
+                entry: Dict[str, object] = {"name": name, "origin": origin, "path": path}
+                if not name.endswith(TRUST_SUFFIX):
+                    entry["status"] = f"ignored (not *{TRUST_SUFFIX})"
+                elif origin == "vendor" and name in admin_names:
+                    masked = _is_empty(os.path.join(self.admin_dir, name))
+                    entry["status"] = "masked by the admin" if masked else "replaced by the admin's"
+                elif path in keys:
+                    key = keys[path]
+                    entry.update(status="trusted", key_id=key.key_id, names=list(key.names))
+                elif origin == "admin" and _is_empty(path):
+                    entry["status"] = "masks the vendor's" if os.path.exists(
+                        os.path.join(self.vendor_dir, name)) else "empty"
+                else:
+                    entry["status"] = "unusable" if error else "unknown"
+                files.append(entry)
+        return {"error": error, "files": files}
 
     def add(self, source: str, name: Optional[str] = None, replace: bool = False) -> str:
-        from qga.state import atomic_write
+        """Copy a trust file into the admin directory after checking it is one."""
+        from qga.ext.trust import TRUST_SUFFIX
 
         name = name or os.path.basename(source)
-        _check_key_name(name)
-        try:
-            with open(source, "rb") as stream:
-                data = stream.read(1 << 20)
-        except OSError as error:
-            raise CtlError(f"cannot read {source}: {error.strerror}") from None
-        if not data:
-            raise CtlError(f"{source} is empty")
+        _check_trust_name(name)
+        if not name.endswith(TRUST_SUFFIX):
+            raise CtlError(f"{name}: trust files are named *{TRUST_SUFFIX} (--name to rename)")
+        data = _read_small(source)
+        key = _parse_trust_data(data, source)
         target = os.path.join(self.admin_dir, name)
         if os.path.lexists(target) and not replace:
             raise CtlError(f"{target} exists (--replace to replace it)")
+        self._install(name, data)
+        return f"trusted key {key.key_id} (may sign: {' '.join(key.names)}) in {target}"
+
+    def remove(self, name: str, mask: bool = False) -> str:
+        _check_trust_name(name)
+        target = os.path.join(self.admin_dir, name)
+        vendor = os.path.join(self.vendor_dir, name)
+        if mask:
+            if not os.path.exists(vendor):
+                raise CtlError(f"no vendor key {name} in {self.vendor_dir} to mask")
+            self._install(name, b"")
+            return f"masked {vendor} with an empty {target}"
+        try:
+            os.unlink(target)
+        except FileNotFoundError:
+            if os.path.exists(vendor):
+                raise CtlError(f"{name} is a vendor key ({vendor}), shipped by a package; "
+                               f"'trust remove --mask {name}' masks it") from None
+            raise CtlError(f"no trusted key {name} in {self.admin_dir}") from None
+        except OSError as error:
+            raise CtlError(f"cannot remove {target}: {error.strerror}") from None
+        if os.path.exists(vendor):
+            return f"removed {target}; the vendor's {vendor} applies again"
+        return f"removed {target}"
+
+    def _install(self, name: str, data: bytes) -> None:
+        from qga.state import atomic_write
+
         os.makedirs(self.admin_dir, mode=0o755, exist_ok=True)
-        # Written under a dot name first: whoever scans the directory skips
-        # dot files, so it sees no key or the whole key, never a part.
+        # Written under a dot name first: the agent skips dot files, so it
+        # sees no key or the whole key, never a part.
         hidden = os.path.join(self.admin_dir, "." + name)
         try:
             atomic_write(hidden, data, 0o644)
             os.chmod(hidden, 0o644)  # whatever the umask: the agent checks the mode
-            os.rename(hidden, target)
+            os.rename(hidden, os.path.join(self.admin_dir, name))
         except (QgaError, OSError) as error:
             raise CtlError(str(error)) from None
-        return target
 
-    def remove(self, name: str) -> str:
-        _check_key_name(name)
-        target = os.path.join(self.admin_dir, name)
+
+def _parse_trust_data(data: bytes, source: str):
+    """The key in ``data``, checked by the agent's own loader in a private directory."""
+    import tempfile
+
+    from qga.errors import TrustError
+    from qga.ext.trust import TrustStore
+
+    if not data:
+        raise CtlError(f"{source} is empty (an empty file only masks a vendor key: "
+                       "'trust remove --mask')")
+    with tempfile.TemporaryDirectory(prefix="qgactl-") as directory:
+        probe = os.path.join(directory, "key.json")
+        with open(probe, "wb") as stream:
+            stream.write(data)
+        os.chmod(probe, 0o644)
         try:
-            os.unlink(target)
-        except FileNotFoundError:
-            if os.path.exists(os.path.join(self.vendor_dir, name)):
-                raise CtlError(f"{name} is a vendor key in {self.vendor_dir}, shipped by a "
-                               f"package; remove it with the package") from None
-            raise CtlError(f"no trusted key {name} in {self.admin_dir}") from None
-        except OSError as error:
-            raise CtlError(f"cannot remove {target}: {error.strerror}") from None
-        return target
+            (key,) = TrustStore.load([directory]).keys
+        except TrustError as error:
+            raise CtlError(str(error).replace(probe, source)) from None
+    return key
 
 
-def _check_key_name(name: str) -> None:
+def _read_small(path: str, limit: int = 64 * 1024) -> bytes:
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(limit + 1)
+    except OSError as error:
+        raise CtlError(f"cannot read {path}: {error.strerror}") from None
+    if len(data) > limit:
+        raise CtlError(f"{path} is over {limit} bytes: not a trust file")
+    return data
+
+
+def _listdir(directory: str) -> List[str]:
+    try:
+        return sorted(name for name in os.listdir(directory) if not name.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _is_empty(path: str) -> bool:
+    try:
+        return os.stat(path).st_size == 0
+    except OSError:
+        return False
+
+
+def _check_trust_name(name: str) -> None:
     if not name or "/" in name or name.startswith(".") or "\0" in name:
         raise CtlError(f"bad key name {name!r}: a plain file name, not starting with '.'")
-
-
-def _trust_problems(info: os.stat_result) -> List[str]:
-    problems = []
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        problems.append("writable by group or others")
-    if info.st_uid != 0 and os.geteuid() == 0:
-        problems.append("not owned by root")
-    return problems
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 16), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -610,24 +678,35 @@ def cmd_logs(options: argparse.Namespace) -> int:
 
 
 def cmd_trust(options: argparse.Namespace) -> int:
-    store = TrustStore(options.admin_trust_dir, options.vendor_trust_dir)
+    files = TrustFiles(options.admin_trust_dir, options.vendor_trust_dir)
     if options.trust_command == "list":
-        entries = store.entries()
+        report = files.report()
         if options.json:
-            print(json.dumps(entries, indent=2))
-            return EXIT_OK
-        if not entries:
-            print(f"no trusted keys in {store.admin_dir} or {store.vendor_dir}")
-        for entry in entries:
-            problems = "; ".join(entry["problems"])  # type: ignore[arg-type]
-            print(f"{entry['origin']:<7} {entry['name']:<32} sha256:{str(entry['sha256'])[:16]}"
-                  f"  {entry['path']}" + (f"  WARNING: {problems}" if problems else ""))
-        return EXIT_OK
+            print(json.dumps(report, indent=2))
+        else:
+            print(_trust_text(report, files))
+        return EXIT_FAILURE if report["error"] else EXIT_OK
     if options.trust_command == "add":
-        print(f"added {store.add(options.file, options.name, options.replace)}")
+        print(files.add(options.file, options.name, options.replace))
         return EXIT_OK
-    print(f"removed {store.remove(options.name)}")
+    print(files.remove(options.name, options.mask))
     return EXIT_OK
+
+
+def _trust_text(report: Dict[str, object], files: TrustFiles) -> str:
+    lines = []
+    if report["error"]:
+        lines.append(f"ERROR: the agent refuses every bundle until this is fixed: "
+                     f"{report['error']}")
+    entries = report["files"]
+    if not entries:
+        lines.append(f"no trust files in {files.admin_dir} or {files.vendor_dir}")
+    for entry in entries:  # type: ignore[union-attr]
+        detail = entry["status"]
+        if entry.get("key_id"):
+            detail = f"key {entry['key_id']}, may sign: {' '.join(entry['names'])}"
+        lines.append(f"{entry['origin']:<7} {entry['path']}: {detail}")
+    return "\n".join(lines)
 
 
 def cmd_ext(options: argparse.Namespace) -> int:
@@ -680,12 +759,16 @@ def build_parser() -> argparse.ArgumentParser:
     trust_commands.required = True
     trust_list = trust_commands.add_parser("list", help="every trusted key file")
     trust_list.add_argument("--json", action="store_true", help="print JSON")
-    trust_add = trust_commands.add_parser("add", help=f"trust a key (copied to {ADMIN_TRUST_DIR})")
+    trust_add = trust_commands.add_parser(
+        "add", help=f"trust a key: copy its trust file (qga-bundle keygen's PREFIX.json) "
+                    f"to {ADMIN_TRUST_DIR}")
     trust_add.add_argument("file")
-    trust_add.add_argument("--name", help="file name in the trust directory")
+    trust_add.add_argument("--name", help="file name in the trust directory (*.json)")
     trust_add.add_argument("--replace", action="store_true", help="replace a key of that name")
     trust_remove = trust_commands.add_parser("remove", help="stop trusting an admin key")
     trust_remove.add_argument("name")
+    trust_remove.add_argument("--mask", action="store_true",
+                              help="mask a vendor key with an empty admin file")
     trust.set_defaults(run=cmd_trust)
 
     ext = commands.add_parser("ext", help="installed extensions")

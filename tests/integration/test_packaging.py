@@ -76,7 +76,7 @@ def need_tool(name: str) -> str:
 def test_files_land_where_the_layout_wants_them(installed, layout):
     root = installed[layout]
     expected = [LAYOUTS[layout]["unit"], LAYOUTS[layout]["rule"], "etc/qga/qga.conf",
-                "usr/bin/qga", "usr/bin/qgactl", "usr/bin/qga-client"]
+                "usr/bin/qga", "usr/bin/qgactl", "usr/bin/qga-client", "usr/bin/qga-bundle"]
     expected += [f"usr/share/man/{page}" for page in MAN_PAGES]
     for relative in expected:
         assert (root / relative).is_file(), relative
@@ -112,7 +112,7 @@ def test_installed_commands_run(installed):
     version = subprocess.run([str(root / "usr/bin/qga"), "-V"], env=env, capture_output=True,
                              timeout=60)
     assert version.returncode == 0 and version.stdout.startswith(b"QEMU Guest Agent ")
-    for script in ("qgactl", "qga-client"):
+    for script in ("qgactl", "qga-client", "qga-bundle"):
         result = subprocess.run([str(root / "usr/bin" / script), "--help"], env=env,
                                 capture_output=True, timeout=60)
         assert result.returncode == 0 and b"usage:" in result.stdout, result.stderr
@@ -307,7 +307,8 @@ def test_reference_page_lists_every_command(installed):
 
 
 def every_key_dump() -> str:
-    config = Config(path="/p", logfile="/l", fsfreeze_hook="/h")
+    # Keys -D prints only when set are set.
+    config = Config(path="/p", logfile="/l", fsfreeze_hook="/h", allow_unsigned_extensions=True)
     return dump(config).decode()
 
 

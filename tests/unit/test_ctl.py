@@ -98,6 +98,16 @@ def test_sources_of_every_setting(conf_file):
     assert sources["pidfile"] == "default" and sources["daemonize"] == "default"
 
 
+def test_every_setting_has_a_key_and_an_option():
+    """A new setting of qga.config must be taught to qgactl's provenance."""
+    from qga.cli import LONG_OPTIONS
+
+    assert sorted(set(ctl._FILE_KEYS.values())) == sorted(ctl._SOURCED)
+    assert sorted(set(ctl._OPTION_ATTRIBUTES.values())) == sorted(ctl._SOURCED)
+    codes = {option.code for option in LONG_OPTIONS}
+    assert set(ctl._OPTION_ATTRIBUTES) <= codes
+
+
 def test_dash_c_names_the_file_and_the_default_path_is_a_default(conf_file):
     sourced = ctl.sourced_config(["-c", conf_file], {})
     assert sourced.file_path == conf_file
@@ -194,75 +204,142 @@ def test_clear_stale_freeze_command(tmp_path, capsys):
 # -- trust files -----------------------------------------------------------------------
 
 
+def trust_json(names=("hello",), seed=b"k"):
+    """A trust file as qga-bundle keygen writes it (any 32 bytes are a well-formed key)."""
+    from qga.ext.trust import trust_file
+
+    import hashlib
+    return trust_file(hashlib.sha256(seed).digest(), list(names))
+
+
 @pytest.fixture
 def trust(tmp_path):
-    vendor = tmp_path / "vendor"
-    vendor.mkdir()
-    (vendor / "distro.pub").write_bytes(b"vendor key\n")
-    return ctl.TrustStore(str(tmp_path / "admin"), str(vendor))
+    root = tmp_path / "trust"
+    root.mkdir(mode=0o755)
+    vendor = root / "vendor"
+    vendor.mkdir(mode=0o755)
+    (vendor / "distro.json").write_bytes(trust_json(["distro-*"], b"vendor"))
+    os.chmod(vendor / "distro.json", 0o644)
+    return ctl.TrustFiles(str(root / "admin"), str(vendor))
 
 
-def trust_cli(store, *args):
-    return ctl.main(["trust", "--admin-trust-dir", store.admin_dir,
-                     "--vendor-trust-dir", store.vendor_dir, *args])
+def trust_cli(files, *args):
+    return ctl.main(["trust", "--admin-trust-dir", files.admin_dir,
+                     "--vendor-trust-dir", files.vendor_dir, *args])
+
+
+def listed(files, capsys):
+    capsys.readouterr()
+    status = trust_cli(files, "list", "--json")
+    report = json.loads(capsys.readouterr().out)
+    return status, report
 
 
 def test_trust_add_list_remove(trust, tmp_path, capsys):
-    key = tmp_path / "ops.pub"
-    key.write_bytes(b"admin key\n")
+    from qga.ext.statement import key_id
+
+    key = tmp_path / "ops.json"
+    key.write_bytes(trust_json(["ops", "ops-*"], b"ops"))
     os.chmod(key, 0o600)
     assert trust_cli(trust, "add", str(key)) == 0
-    installed = os.path.join(trust.admin_dir, "ops.pub")
-    assert open(installed, "rb").read() == b"admin key\n"
+    assert "may sign: ops ops-*" in capsys.readouterr().out
+    installed = os.path.join(trust.admin_dir, "ops.json")
+    assert open(installed, "rb").read() == key.read_bytes()
     assert stat.S_IMODE(os.stat(installed).st_mode) == 0o644
-    assert sorted(os.listdir(trust.admin_dir)) == ["ops.pub"]  # no temporary left
+    assert sorted(os.listdir(trust.admin_dir)) == ["ops.json"]  # no temporary left
 
-    capsys.readouterr()
-    assert trust_cli(trust, "list", "--json") == 0
-    entries = json.loads(capsys.readouterr().out)
-    assert [(e["origin"], e["name"]) for e in entries] == [("admin", "ops.pub"),
-                                                           ("vendor", "distro.pub")]
+    status, report = listed(trust, capsys)
+    assert status == 0 and report["error"] is None
     import hashlib
-    assert entries[0]["sha256"] == hashlib.sha256(b"admin key\n").hexdigest()
-    assert entries[0]["problems"] == []
+    assert [(f["origin"], f["name"], f["status"], f.get("key_id")) for f in report["files"]] == [
+        ("admin", "ops.json", "trusted", key_id(hashlib.sha256(b"ops").digest())),
+        ("vendor", "distro.json", "trusted", key_id(hashlib.sha256(b"vendor").digest())),
+    ]
+    # What the agent itself trusts now.
+    assert {k.names for k in trust.load().keys} == {("ops", "ops-*"), ("distro-*",)}
 
-    assert trust_cli(trust, "remove", "ops.pub") == 0
+    assert trust_cli(trust, "remove", "ops.json") == 0
     assert os.listdir(trust.admin_dir) == []
 
 
+def test_a_key_from_qga_bundle_keygen_is_trusted_for_its_names(trust, tmp_path, capsys):
+    from qga.ext.cli import main as bundle_main
+
+    prefix = str(tmp_path / "acme")
+    assert bundle_main(["keygen", prefix, "--names", "acme-*"]) == 0
+    assert trust_cli(trust, "add", prefix + ".json") == 0
+    (key,) = [k for k in trust.load().keys if k.source.startswith(trust.admin_dir)]
+    assert key.may_sign("acme-tools") and not key.may_sign("other")
+
+
+def test_trust_add_refuses_what_the_agent_would_refuse(trust, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"key": "ed25519:AAAA", "names": ["x"]}')
+    assert trust_cli(trust, "add", str(bad)) == 1
+    err = capsys.readouterr().err
+    assert "32 bytes" in err and str(bad) in err
+    wrong_name = tmp_path / "key.pub"
+    wrong_name.write_bytes(trust_json())
+    assert trust_cli(trust, "add", str(wrong_name)) == 1
+    assert "*.json" in capsys.readouterr().err
+    empty = tmp_path / "empty.json"
+    empty.write_bytes(b"")
+    assert trust_cli(trust, "add", str(empty)) == 1
+    assert not os.path.exists(trust.admin_dir) or os.listdir(trust.admin_dir) == []
+    assert trust_cli(trust, "add", str(wrong_name), "--name", "renamed.json") == 0
+
+
 def test_trust_add_refuses_to_replace_without_asking(trust, tmp_path, capsys):
-    key = tmp_path / "k.pub"
-    key.write_bytes(b"one")
+    key = tmp_path / "k.json"
+    key.write_bytes(trust_json(["one"]))
     assert trust_cli(trust, "add", str(key)) == 0
-    key.write_bytes(b"two")
+    first = key.read_bytes()
+    key.write_bytes(trust_json(["two"]))
     assert trust_cli(trust, "add", str(key)) == 1
     assert "exists" in capsys.readouterr().err
-    assert open(os.path.join(trust.admin_dir, "k.pub"), "rb").read() == b"one"
+    assert open(os.path.join(trust.admin_dir, "k.json"), "rb").read() == first
     assert trust_cli(trust, "add", str(key), "--replace") == 0
-    assert open(os.path.join(trust.admin_dir, "k.pub"), "rb").read() == b"two"
+    assert open(os.path.join(trust.admin_dir, "k.json"), "rb").read() == key.read_bytes()
 
 
-@pytest.mark.parametrize("name", ["../evil", ".hidden", "a/b"])
+@pytest.mark.parametrize("name", ["../evil.json", ".hidden.json", "a/b.json"])
 def test_trust_names_are_plain_file_names(trust, tmp_path, name):
-    key = tmp_path / "k.pub"
-    key.write_bytes(b"key")
+    key = tmp_path / "k.json"
+    key.write_bytes(trust_json())
     assert trust_cli(trust, "add", str(key), "--name", name) == 1
     assert not os.path.exists(trust.admin_dir) or os.listdir(trust.admin_dir) == []
 
 
-def test_trust_remove_of_a_vendor_key_says_whose_it_is(trust, capsys):
-    assert trust_cli(trust, "remove", "distro.pub") == 1
-    assert "vendor key" in capsys.readouterr().err
-    assert os.path.exists(os.path.join(trust.vendor_dir, "distro.pub"))
-    assert trust_cli(trust, "remove", "nothing.pub") == 1
+def test_a_vendor_key_is_masked_not_removed(trust, capsys):
+    assert trust_cli(trust, "remove", "distro.json") == 1
+    assert "--mask" in capsys.readouterr().err
+    assert trust_cli(trust, "remove", "--mask", "distro.json") == 0
+    assert os.path.getsize(os.path.join(trust.admin_dir, "distro.json")) == 0
+    assert trust.load().keys == ()  # the agent trusts it no more
+    status, report = listed(trust, capsys)
+    assert [f["status"] for f in report["files"]] == ["masks the vendor's", "masked by the admin"]
+    assert trust_cli(trust, "remove", "distro.json") == 0
+    assert "applies again" in capsys.readouterr().out
+    assert len(trust.load().keys) == 1
+    assert trust_cli(trust, "remove", "nothing.json") == 1
 
 
-def test_trust_list_warns_about_writable_keys(trust, capsys):
-    path = os.path.join(trust.vendor_dir, "distro.pub")
+def test_trust_list_reports_what_makes_the_agent_refuse(trust, capsys):
+    path = os.path.join(trust.vendor_dir, "distro.json")
     os.chmod(path, 0o666)
-    assert trust_cli(trust, "list") == 0
-    out = capsys.readouterr().out
-    assert "distro.pub" in out and "WARNING: writable by group or others" in out
+    status, report = listed(trust, capsys)
+    assert status == 1 and "writable by group or others" in report["error"]
+    assert trust_cli(trust, "list") == 1
+    assert "ERROR: the agent refuses every bundle" in capsys.readouterr().out
+
+
+def test_trust_list_shows_files_the_agent_ignores(trust, capsys):
+    with open(os.path.join(trust.vendor_dir, "notes.txt"), "w") as stream:
+        stream.write("x")
+    status, report = listed(trust, capsys)
+    assert status == 0
+    assert ("notes.txt", "ignored (not *.json)") in [(f["name"], f["status"])
+                                                    for f in report["files"]]
 
 
 def test_ext_without_a_store_says_so(capsys):
