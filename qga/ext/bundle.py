@@ -277,9 +277,10 @@ class _DirectoryWriter(_FileSink):
         return fd
 
     def _error(self, error: OSError) -> BundleError:
-        full = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-        reason = "no space left on the device" if error.errno in full \
-            else (error.strerror or str(error))
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = "no space left on the device (or over quota)"
+        else:
+            reason = error.strerror or str(error)
         return BundleError(f"cannot extract '{display(self._path.encode())}': {reason}")
 
 

@@ -1,7 +1,7 @@
 """``manifest.json``: what an extension is, needs, speaks and contains.
 
 The manifest is strict JSON (UTF-8, no duplicate keys, no NaN/Infinity, at
-most 64 levels deep, at most ``Limits.max_manifest_size`` bytes) checked
+most 64 levels deep, at most ``Limits.max_manifest_size`` bytes, 1 MiB) checked
 against :data:`SCHEMA`, a closed JSON Schema (``additionalProperties: false``
 on every object we define) that uses Draft 7 features only, then against
 the rules a schema cannot say (:func:`_check_semantics`).  Example::
@@ -67,7 +67,7 @@ import json
 import re
 from typing import Any, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
-from qga.errors import ManifestError
+from qga.errors import BundleError, ManifestError
 from qga.ext.rules import MANIFEST_NAME, Limits, PathSet, check_path, fold
 
 MAX_DEPTH = 64
@@ -426,10 +426,13 @@ def _check_files(files: List[Dict[str, Any]], limits: Limits) -> None:
     seen.add_file(MANIFEST_NAME)
     total = 0
     for item in files:
-        path = check_path(item["path"], "manifest file", limits)
-        if fold(path) == fold(MANIFEST_NAME):
-            raise ManifestError(f"{MANIFEST_NAME} lists itself ('{path}')")
-        seen.add_file(path)
+        try:
+            path = check_path(item["path"], "manifest file", limits)
+            if fold(path) == fold(MANIFEST_NAME):
+                raise ManifestError(f"{MANIFEST_NAME} lists itself ('{path}')")
+            seen.add_file(path)
+        except BundleError as error:
+            raise ManifestError(str(error)) from None
         if item["size"] > limits.max_file_size:
             raise ManifestError(f"manifest file '{path}' is {item['size']} bytes, over the"
                                 f" per-file limit of {limits.max_file_size}")

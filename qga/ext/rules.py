@@ -49,7 +49,7 @@ class Limits(NamedTuple):
     max_files: int = 2048
     max_file_size: int = 64 * MiB
     max_total_size: int = 256 * MiB
-    max_manifest_size: int = 256 * 1024
+    max_manifest_size: int = 1 * MiB  # room for max_files entries and the schemas
     max_ratio: int = 200
     ratio_allowance: int = 4 * MiB
     max_path_bytes: int = 255

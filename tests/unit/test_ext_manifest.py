@@ -213,7 +213,7 @@ def test_strict_json(data, message):
 
 def test_oversized_manifest_is_refused_before_parsing():
     data = b" " * (Limits().max_manifest_size + 1)
-    with pytest.raises(ManifestError, match="over the 262144-byte limit"):
+    with pytest.raises(ManifestError, match="over the 1048576-byte limit"):
         parse_manifest(data)
 
 
