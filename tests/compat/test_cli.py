@@ -147,8 +147,13 @@ def test_errors_match(tmp_path, conf, args):
     assert ours == theirs
 
 
-def test_config_directory_matches(tmp_path):
-    env = dict(os.environ, QGA_CONF=str(tmp_path))
+@pytest.mark.parametrize("where", ["directory", "under a file"])
+def test_unreadable_config_matches(tmp_path, where):
+    conf = tmp_path
+    if where == "under a file":
+        (tmp_path / "plain").write_text("")
+        conf = tmp_path / "plain" / "qemu-ga.conf"
+    env = dict(os.environ, QGA_CONF=str(conf))
     theirs = subprocess.run([PROG, "-D"], executable=QEMU_GA, env=env, capture_output=True, timeout=30)
     ours = subprocess.run([sys.executable, "-c", OUR_LAUNCHER, "-D"],
                           env=dict(env, PYTHONPATH=str(REPO)), capture_output=True, timeout=30)
