@@ -18,17 +18,12 @@ import re
 from typing import List, Optional
 
 from qga.commands import command
-from qga.commands.system import ordered, wire_order
+from qga.commands.system import read_file
 from qga.errors import CommandError
 
 CPU_SYSFS_DIR = "/sys/devices/system/cpu"
 MEMORY_SYSFS_DIR = "/sys/devices/system/memory/"
 PROC_STAT = "/proc/stat"
-
-VCPU_ORDER = wire_order("logical-id", "online", "can-offline")
-MEMORY_BLOCK_ORDER = wire_order("phys-index", "online", "can-offline")
-CPUSTATS_ORDER = wire_order("type", "cpu", "user", "nice", "system", "idle", "iowait", "irq",
-                            "softirq", "steal", "guest", "guestnice")
 
 # sscanf(name, "cpu%" PRId64): "cpu", optional blanks and sign, digits.
 _CPU_ENTRY = re.compile(r"cpu[ \t\n\v\f\r]*([+-]?[0-9]+)")
@@ -65,7 +60,7 @@ def read_vcpu(logical_id: int, cpu_dir: str = CPU_SYSFS_DIR) -> dict:
             os.close(os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         except OSError as dir_error:
             raise CommandError(f'open("{directory}"): {_errno_text(dir_error)}') from None
-        return ordered({"logical-id": logical_id, "online": True, "can-offline": False}, VCPU_ORDER)
+        return {"logical-id": logical_id, "online": True, "can-offline": False}
     try:
         status = os.pread(fd, 1, 0)
     except OSError as error:
@@ -74,7 +69,7 @@ def read_vcpu(logical_id: int, cpu_dir: str = CPU_SYSFS_DIR) -> dict:
         os.close(fd)
     if not status:
         raise CommandError(f'pread("{online_path}"): unexpected EOF')
-    return ordered({"logical-id": logical_id, "online": status != b"0", "can-offline": True}, VCPU_ORDER)
+    return {"logical-id": logical_id, "online": status != b"0", "can-offline": True}
 
 
 def list_vcpus(cpu_dir: str = CPU_SYSFS_DIR) -> List[dict]:
@@ -140,8 +135,7 @@ def read_memory_block(phys_index: int, memory_dir: str = MEMORY_SYSFS_DIR) -> di
             state = _read_sysfs_file(dir_fd, "state", 10)
         except _SysfsError as error:
             if error.errno == errno.ENOENT:  # old kernels: no state file
-                return ordered({"phys-index": phys_index, "online": True, "can-offline": False},
-                               MEMORY_BLOCK_ORDER)
+                return {"phys-index": phys_index, "online": True, "can-offline": False}
             raise CommandError(error.desc) from None
         try:
             can_offline = _read_sysfs_file(dir_fd, "removable", 1) != b"0"
@@ -151,8 +145,7 @@ def read_memory_block(phys_index: int, memory_dir: str = MEMORY_SYSFS_DIR) -> di
             can_offline = False
     finally:
         os.close(dir_fd)
-    return ordered({"phys-index": phys_index, "online": state.startswith(b"online"),
-                    "can-offline": can_offline}, MEMORY_BLOCK_ORDER)
+    return {"phys-index": phys_index, "online": state.startswith(b"online"), "can-offline": can_offline}
 
 
 def _strtoul(text: bytes) -> int:
@@ -249,7 +242,7 @@ def parse_cpustats(text: bytes, ticks_per_second: int) -> List[dict]:
             entry[member] = value * 1000 // ticks_per_second % 2**64
         if len(values) == 6:
             entry["softirq"] = 0  # qemu-ga reports it whenever irq is there
-        stats.append(ordered(entry, CPUSTATS_ORDER))
+        stats.append(entry)
     return stats
 
 
@@ -261,8 +254,7 @@ def _atoi(text: bytes) -> int:
 @command("guest-get-cpustats")
 def get_cpustats(ctx) -> list:
     try:
-        with open(PROC_STAT, "rb") as stream:
-            text = stream.read()
+        text = read_file(PROC_STAT)
     except OSError as error:
         raise CommandError(f'open("{PROC_STAT}"): {_errno_text(error)}') from None
     return parse_cpustats(text, os.sysconf("SC_CLK_TCK"))

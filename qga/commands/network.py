@@ -31,7 +31,7 @@ import struct
 from typing import Dict, List, Optional, Tuple
 
 from qga.commands import command
-from qga.commands.system import ordered, wire_order
+from qga.commands.system import read_file
 from qga.errors import CommandError
 
 PROC_NET_ROUTE = "/proc/net/route"
@@ -61,14 +61,6 @@ _IFINFOMSG = struct.Struct("=BxHiII")
 _IFINDEX = struct.Struct("=i")
 _STATS64 = struct.Struct("=16Q")
 _IFADDRMSG = struct.Struct("=BBBBI")
-INTERFACE_ORDER = wire_order("name", "hardware-address", "ip-addresses", "statistics")
-ADDRESS_ORDER = wire_order("ip-address", "ip-address-type", "prefix")
-STATISTICS_ORDER = wire_order("rx-bytes", "rx-packets", "rx-errs", "rx-dropped", "tx-bytes",
-                              "tx-packets", "tx-errs", "tx-dropped")
-ROUTE_ORDER = wire_order("iface", "destination", "metric", "gateway", "mask", "irtt", "flags", "refcnt",
-                         "use", "window", "mtu", "desprefixlen", "source", "srcprefixlen", "nexthop",
-                         "version")
-
 DUMP_ATTEMPTS = 3
 # Room for a whole dump batch; the kernel fills at most this much per read.
 _RECV_SIZE = 1 << 16
@@ -112,28 +104,8 @@ def _dump(sock: socket.socket, request_type: int, sequence: int) -> Tuple[list, 
             offset += (length + 3) & ~3
 
 
-class _Interface:
-    __slots__ = ("name", "hardware_address", "addresses", "statistics")
-
-    def __init__(self, name: str):
-        self.name = name
-        self.hardware_address: Optional[str] = None
-        self.addresses: List[dict] = []
-        self.statistics: Optional[dict] = None
-
-    def reply(self) -> dict:
-        entry: dict = {"name": self.name}
-        if self.hardware_address is not None:
-            entry["hardware-address"] = self.hardware_address
-        if self.addresses:
-            entry["ip-addresses"] = self.addresses
-        if self.statistics is not None:
-            entry["statistics"] = self.statistics
-        return ordered(entry, INTERFACE_ORDER)
-
-
 def _mac_text(raw: bytes) -> str:
-    return "%02x:%02x:%02x:%02x:%02x:%02x" % tuple((raw + b"\0" * 6)[:6])
+    return (raw + b"\0" * 6)[:6].hex(":")
 
 
 def _ioctl_hardware_address(sock: socket.socket, name: str) -> Optional[str]:
@@ -239,16 +211,17 @@ def _statistics(raw: Optional[bytes]) -> Optional[dict]:
     if raw is None or len(raw) < 128:
         return None
     values = _STATS64.unpack_from(raw)
-    return ordered({
+    return {
         "rx-bytes": values[2], "rx-packets": values[0],
         "rx-errs": values[4], "rx-dropped": (values[6] + values[15]) % 2**64,
         "tx-bytes": values[3], "tx-packets": values[1],
         "tx-errs": values[5], "tx-dropped": values[7],
-    }, STATISTICS_ORDER)
+    }
 
 
 def _build_interfaces(sock, links, addresses) -> List[dict]:
-    interfaces: Dict[str, _Interface] = {}
+    # name -> [hardware address, ip-addresses, statistics], in getifaddrs order
+    interfaces: Dict[str, list] = {}
     link_names: Dict[int, str] = {}
     link_stats: Dict[str, Optional[bytes]] = {}
     for kind, data, offset, end in links:
@@ -261,11 +234,11 @@ def _build_interfaces(sock, links, addresses) -> List[dict]:
         name = _name(raw_name)
         link_names[index] = name
         if name not in interfaces:
-            interface = interfaces[name] = _Interface(name)
-            interface.hardware_address = _mac_text(address)
+            interfaces[name] = [_mac_text(address), [], None]
             link_stats[name] = stats
 
     unpack = _RTATTR.unpack_from
+    inet_ntop = socket.inet_ntop
     for kind, data, offset, end in addresses:
         if kind != RTM_NEWADDR:
             continue
@@ -289,26 +262,35 @@ def _build_interfaces(sock, links, addresses) -> List[dict]:
         name = _name(label) if label is not None else link_names[index]
         interface = interfaces.get(name)
         if interface is None:
-            interface = interfaces[name] = _Interface(name)
-        if interface.hardware_address is None:
-            interface.hardware_address = _ioctl_hardware_address(sock, name)
+            interface = interfaces[name] = [None, [], None]
+        if interface[0] is None:
+            interface[0] = _ioctl_hardware_address(sock, name)
         raw = local if local is not None else address
         if raw is None:
             continue
         if family == socket.AF_INET and len(raw) >= 4:
-            item = {"ip-address": socket.inet_ntop(socket.AF_INET, raw[:4]),
-                    "ip-address-type": "ipv4", "prefix": min(prefixlen, 32)}
+            interface[1].append({"ip-address": inet_ntop(family, raw[:4]), "ip-address-type": "ipv4",
+                                 "prefix": min(prefixlen, 32)})
         elif family == socket.AF_INET6 and len(raw) >= 16:
-            item = {"ip-address": socket.inet_ntop(socket.AF_INET6, raw[:16]),
-                    "ip-address-type": "ipv6", "prefix": min(prefixlen, 128)}
+            interface[1].append({"ip-address": inet_ntop(family, raw[:16]), "ip-address-type": "ipv6",
+                                 "prefix": min(prefixlen, 128)})
         else:
             continue
-        interface.addresses.append(ordered(item, ADDRESS_ORDER))
-        if interface.statistics is None:
+        if interface[2] is None:
             # Counters exist for link names only, as /proc/net/dev lists
             # links and not labels.
-            interface.statistics = _statistics(link_stats.get(name))
-    return [interface.reply() for interface in interfaces.values()]
+            interface[2] = _statistics(link_stats.get(name))
+    reply = []
+    for name, (hardware_address, ip_addresses, statistics) in interfaces.items():
+        entry: dict = {"name": name}
+        if hardware_address is not None:
+            entry["hardware-address"] = hardware_address
+        if ip_addresses:
+            entry["ip-addresses"] = ip_addresses
+        if statistics is not None:
+            entry["statistics"] = statistics
+        reply.append(entry)
+    return reply
 
 
 @command("guest-network-get-interfaces")
@@ -351,7 +333,7 @@ def parse_ipv4_routes(text: bytes) -> List[dict]:
             mtu, window, irtt = (int(field) for field in fields[8:11])
         except ValueError:
             continue
-        routes.append(ordered({
+        routes.append({
             "iface": fields[0].decode("utf-8", "replace"),
             "destination": _ipv4_text(destination),
             "metric": _int32(metric),
@@ -364,7 +346,7 @@ def parse_ipv4_routes(text: bytes) -> List[dict]:
             "window": _int32(window),
             "mtu": _int32(mtu),
             "version": 4,
-        }, ROUTE_ORDER))
+        })
     return routes
 
 
@@ -390,7 +372,7 @@ def parse_ipv6_routes(text: bytes) -> List[dict]:
             if value is not None:
                 route[member] = value
         route["version"] = 6
-        routes.append(ordered(route, ROUTE_ORDER))
+        routes.append(route)
     return routes
 
 
@@ -400,8 +382,7 @@ def get_route(ctx) -> list:
     failure: Optional[str] = None
     for path, parse in ((PROC_NET_ROUTE, parse_ipv4_routes), (PROC_NET_IPV6_ROUTE, parse_ipv6_routes)):
         try:
-            with open(path, "rb") as stream:
-                text = stream.read()
+            text = read_file(path)
         except OSError as error:
             # qemu-ga notes the failure, goes on with the other table, then fails.
             failure = failure or f'open("{path}"): {_errno_text(error)}'

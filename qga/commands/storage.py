@@ -26,7 +26,7 @@ import stat
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from qga.commands import command
-from qga.commands.system import ordered, wire_order
+from qga.commands.system import in_order, read_file
 from qga.errors import CommandError
 
 SYS_BLOCK = "/sys/block"
@@ -34,23 +34,11 @@ SYS_DEV_BLOCK = "/sys/dev/block"
 UDEV_DATA = "/run/udev/data"
 DISKSTATS = "/proc/diskstats"
 
-FSINFO_ORDER = wire_order("name", "mountpoint", "type", "used-bytes", "total-bytes",
-                          "total-bytes-privileged", "disk")
-DISK_ADDRESS_ORDER = wire_order("pci-controller", "bus-type", "bus", "target", "unit", "serial", "dev",
-                                "ccw-address")
-PCI_ORDER = wire_order("domain", "bus", "slot", "function")
-CCW_ORDER = wire_order("cssid", "ssid", "subchno", "devno")
-DISK_INFO_ORDER = wire_order("name", "partition", "dependencies", "address", "alias", "smart")
-SMART_ORDER = wire_order(
-    "type", "critical-warning", "temperature", "available-spare", "available-spare-threshold",
-    "percentage-used", "data-units-read-lo", "data-units-read-hi", "data-units-written-lo",
-    "data-units-written-hi", "host-read-commands-lo", "host-read-commands-hi",
-    "host-write-commands-lo", "host-write-commands-hi", "controller-busy-time-lo",
-    "controller-busy-time-hi", "power-cycles-lo", "power-cycles-hi", "power-on-hours-lo",
-    "power-on-hours-hi", "unsafe-shutdowns-lo", "unsafe-shutdowns-hi", "media-errors-lo",
-    "media-errors-hi", "number-of-error-log-entries-lo", "number-of-error-log-entries-hi")
-DISKSTATS_INFO_ORDER = wire_order("name", "major", "minor", "stats")
-DISKSTATS_ORDER = wire_order(
+# Members in schema order, for dicts filled in another order.
+DISK_ADDRESS_MEMBERS = ("pci-controller", "bus-type", "bus", "target", "unit", "serial", "dev",
+                        "ccw-address")
+DISK_INFO_MEMBERS = ("name", "partition", "dependencies", "address", "alias", "smart")
+DISKSTATS_MEMBERS = (
     "read-sectors", "read-ios", "read-merges", "write-sectors", "write-ios", "write-merges",
     "discard-sectors", "discard-ios", "discard-merges", "flush-ios", "read-ticks", "write-ticks",
     "discard-ticks", "flush-ticks", "ios-pgr", "total-ticks", "weight-ticks")
@@ -86,8 +74,7 @@ class UdevDevice:
         self.devnode: Optional[str] = None
         self.properties: Dict[str, str] = {}
         try:
-            with open(syspath + "/uevent", "rb") as stream:
-                uevent = stream.read().decode("utf-8", "replace")
+            uevent = read_file(syspath + "/uevent").decode("utf-8", "replace")
         except OSError:
             return  # libudev refuses a device without a readable uevent file
         for line in uevent.splitlines():
@@ -102,8 +89,7 @@ class UdevDevice:
 
     def _read_database(self, path: str) -> None:
         try:
-            with open(path, "rb") as stream:
-                lines = stream.read().decode("utf-8", "replace").splitlines()
+            lines = read_file(path).decode("utf-8", "replace").splitlines()
         except OSError:
             return
         for line in lines:
@@ -151,7 +137,7 @@ def _checked_realpath(path: str) -> Optional[str]:
 
 def _new_disk_address() -> dict:
     return {
-        "pci-controller": ordered({"domain": -1, "bus": -1, "slot": -1, "function": -1}, PCI_ORDER),
+        "pci-controller": {"domain": -1, "bus": -1, "slot": -1, "function": -1},
         "bus-type": "unknown",
         "bus": 0,
         "target": 0,
@@ -226,8 +212,7 @@ def _fill_pci_address(syspath: str, disk: dict) -> bool:
             host = int(number.group()) % 2**32
             hosts = _host_numbers(syspath[:host_at], is_ata)
 
-    disk["pci-controller"] = ordered({"domain": pci[0], "bus": pci[1], "slot": pci[2],
-                                      "function": pci[3]}, PCI_ORDER)
+    disk["pci-controller"] = {"domain": pci[0], "bus": pci[1], "slot": pci[2], "function": pci[3]}
     if driver in ("ata_piix", "ahci"):
         # ata_piix: a host per IDE bus, target*:0:<unit>:0; ahci: a host per unit.
         if host is None or target is None or host not in hosts:
@@ -270,8 +255,7 @@ def _fill_ccw_address(syspath: str, disk: dict) -> bool:
     if match is None:
         return False
     cssid, ssid, subchno, devno = (int(group, 16) for group in match.groups())
-    disk["ccw-address"] = ordered({"cssid": cssid, "ssid": ssid, "subchno": subchno, "devno": devno},
-                                  CCW_ORDER)
+    disk["ccw-address"] = {"cssid": cssid, "ssid": ssid, "subchno": subchno, "devno": devno}
     if "/virtio" in syspath[at:]:
         _fill_nonpci_virtio_address(syspath, disk)
     return True
@@ -294,7 +278,7 @@ def _real_device_address(syspath: str) -> Optional[dict]:
     else:
         known = False
     if known or "dev" in disk or "serial" in disk:
-        return ordered(disk, DISK_ADDRESS_ORDER)
+        return in_order(disk, DISK_ADDRESS_MEMBERS)
     return None
 
 
@@ -403,6 +387,8 @@ def parse_mountinfo(data: bytes) -> List[FsMount]:
         fields = line.split(b" ", 5)
         if len(fields) < 6:
             continue
+        if fields[2][:2] == b"0:" and b" - btrfs " not in fields[5]:
+            continue  # no device (proc, tmpfs, ...): most lines, rejected cheaply
         major, colon, minor = fields[2].partition(b":")
         if not (colon and major.isdigit() and minor.isdigit()):
             continue
@@ -428,8 +414,7 @@ def parse_mountinfo(data: bytes) -> List[FsMount]:
 def local_mounts(mountinfo: str = MOUNTINFO) -> List[FsMount]:
     """The local filesystems of this mount namespace (see :func:`parse_mountinfo`)."""
     try:
-        with open(mountinfo, "rb") as stream:
-            data = stream.read()
+        data = read_file(mountinfo)
     except OSError:
         raise CommandError("failed to open mtab file: '/proc/self/mounts'") from None
     return parse_mountinfo(data)
@@ -453,7 +438,7 @@ def filesystem_info(mount: FsMount) -> dict:
         info["total-bytes"] = (used + usage.f_bavail) * usage.f_frsize % 2**64
         info["total-bytes-privileged"] = usage.f_blocks * usage.f_frsize % 2**64
     info["disk"] = found.disks
-    return ordered(info, FSINFO_ORDER)
+    return info
 
 
 @command("guest-get-fsinfo")
@@ -484,8 +469,7 @@ def _partitions(disk_name: str, disk_dir: str, disk_dev: str) -> List[dict]:
         devnode = UdevDevice(f"{disk_dir}/{name}").devnode
         if devnode is None:
             continue
-        partitions.append(ordered({"name": devnode, "partition": True, "dependencies": [disk_dev]},
-                                  DISK_INFO_ORDER))
+        partitions.append({"name": devnode, "partition": True, "dependencies": [disk_dev]})
     return partitions
 
 
@@ -509,9 +493,8 @@ def list_disks(sys_block: str = SYS_BLOCK) -> List[dict]:
             continue
         disk_dir = f"{sys_block}/{entry.name}"
         try:
-            with open(disk_dir + "/size", "rb") as stream:
-                if stream.read() == b"0\n":
-                    continue  # zero-sized (unused loop devices and the like)
+            if read_file(disk_dir + "/size") == b"0\n":
+                continue  # zero-sized (unused loop devices and the like)
         except OSError:
             continue
         udev = UdevDevice(disk_dir)
@@ -539,7 +522,7 @@ def list_disks(sys_block: str = SYS_BLOCK) -> List[dict]:
             smart = nvme_smart(udev.devnode)
             if smart is not None:
                 disk["smart"] = smart
-        prepended.append(ordered(disk, DISK_INFO_ORDER))
+        prepended.append(in_order(disk, DISK_INFO_MEMBERS))
         prepended.extend(_partitions(entry.name, disk_dir, udev.devnode))
     prepended.reverse()
     return prepended
@@ -576,7 +559,7 @@ def parse_nvme_smart_log(log: bytes) -> dict:
     for index, name in enumerate(_NVME_SMART_FIELDS):
         smart[name + "-lo"] = counters[2 * index]
         smart[name + "-hi"] = counters[2 * index + 1]
-    return ordered(smart, SMART_ORDER)
+    return smart
 
 
 def nvme_smart(devnode: str) -> Optional[dict]:
@@ -648,20 +631,19 @@ def parse_diskstats(text: bytes) -> List[dict]:
             stats.update(zip(_DISKSTAT_MEMBERS_20, values[15:17]))
         for name, value in stats.items():
             stats[name] = value % 2**32 if name in _DISKSTAT_32BIT else min(value, 2**64 - 1)
-        result.append(ordered({
+        result.append({
             "name": fields[2].decode("utf-8", "replace"),
             "major": int(fields[0]) % 2**32,
             "minor": int(fields[1]) % 2**32,
-            "stats": ordered(stats, DISKSTATS_ORDER),
-        }, DISKSTATS_INFO_ORDER))
+            "stats": in_order(stats, DISKSTATS_MEMBERS),
+        })
     return result
 
 
 @command("guest-get-diskstats")
 def get_diskstats(ctx) -> list:
     try:
-        with open(DISKSTATS, "rb") as stream:
-            text = stream.read()
+        text = read_file(DISKSTATS)
     except OSError as error:
         raise CommandError(f'open("{DISKSTATS}"): {_errno_text(error)}') from None
     return parse_diskstats(text)

@@ -30,7 +30,6 @@ from typing import Dict, List, Optional, Tuple
 
 from qga.commands import command
 from qga.errors import CommandError
-from qga.qdict_order import qdict_order
 
 OS_RELEASE_FILES = ("/etc/os-release", "/usr/lib/os-release")
 UTMP_FILE = "/var/run/utmp"
@@ -52,27 +51,32 @@ OS_RELEASE_FIELDS = (
 HOST_NAME_MAX = 64
 
 
-def wire_order(*members: str) -> Tuple[str, ...]:
-    """The order qemu-ga writes a struct's members, given in schema order.
+def in_order(value: dict, members: Tuple[str, ...]) -> dict:
+    """``value`` with its members in schema order (``members``); absent ones are skipped.
 
-    qemu's output visitor inserts the members into a QDict in schema order
-    and the JSON writer walks the QDict's hash buckets.  The handlers of the
-    inventory commands build their dicts in this order, so that replies are
-    byte-for-byte qemu-ga's.
+    The reply writer lists an object's members in qemu's QDict order, which
+    depends on the order the members were inserted: qemu inserts them in
+    schema order, so handlers build their dicts in schema order too.
     """
-    return tuple(qdict_order(members))
+    return {key: value[key] for key in members if key in value}
 
 
-def ordered(value: dict, order: Tuple[str, ...]) -> dict:
-    """``value`` with its members in ``order``; members not present are skipped."""
-    return {key: value[key] for key in order if key in value}
+def read_file(path: str) -> bytes:
+    """The whole content of a (small, often virtual) file; raises OSError.
 
-
-OSINFO_ORDER = wire_order("kernel-release", "kernel-version", "machine", "id", "name", "pretty-name",
-                          "version", "version-id", "variant", "variant-id")
-TIMEZONE_ORDER = wire_order("zone", "offset")
-USER_ORDER = wire_order("user", "login-time", "domain")
-LOAD_ORDER = wire_order("load1m", "load5m", "load15m")
+    Plain ``os`` calls: for sysfs and procfs files the buffered ``open()``
+    machinery costs more than the system calls themselves.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
 
 
 def decode(raw: bytes) -> str:
@@ -119,7 +123,7 @@ def get_load(ctx) -> dict:
         load1, load5, load15 = (float(field) for field in fields[:3])
     except ValueError:
         raise CommandError("cannot query load average: Success") from None
-    return ordered({"load1m": load1, "load5m": load5, "load15m": load15}, LOAD_ORDER)
+    return {"load1m": load1, "load5m": load5, "load15m": load15}
 
 
 # -- guest-get-osinfo -----------------------------------------------------------
@@ -234,22 +238,29 @@ RACY_NS = 2_000_000_000
 
 
 class OsRelease:
-    """The os-release fields, re-read only when the file changes."""
+    """The osinfo reply, rebuilt only when the os-release file changes.
+
+    The kernel members come from ``uname()`` once: the running kernel's
+    release, version and machine cannot change while the agent runs.
+    """
 
     def __init__(self, ctx=None):
-        self._cache: Dict[str, Tuple[tuple, Optional[Dict[str, str]]]] = {}
+        uname = os.uname()
+        self._kernel = {"kernel-release": uname.release, "kernel-version": uname.version,
+                        "machine": uname.machine}
+        # path -> (file identity, reply or None when the file is unusable)
+        self._cache: Dict[str, Tuple[tuple, Optional[dict]]] = {}
 
-    def fields(self) -> Optional[Dict[str, str]]:
+    def reply(self) -> dict:
+        """A fresh copy of the reply (callers may change it)."""
         override = os.environ.get("QGA_OS_RELEASE")
-        if override is not None:
-            return self._load(override)
-        for path in OS_RELEASE_FILES:
-            fields = self._load(path)
-            if fields is not None:
-                return fields
-        return None
+        for path in (override,) if override is not None else OS_RELEASE_FILES:
+            reply = self._load(path)
+            if reply is not None:
+                return dict(reply)
+        return dict(self._kernel)
 
-    def _load(self, path: str) -> Optional[Dict[str, str]]:
+    def _load(self, path: str) -> Optional[dict]:
         try:
             info = os.stat(path)
         except OSError:
@@ -260,37 +271,29 @@ class OsRelease:
         if cached is not None and cached[0] == identity:
             return cached[1]
         try:
-            with open(path, "rb") as stream:
-                # qemu-ga loads the file as a key file behind a group line of its own.
-                data = b"[os-release]\n" + stream.read()
+            # qemu-ga loads the file as a key file behind a group line of its own.
+            data = b"[os-release]\n" + read_file(path)
             values: Optional[Dict[str, str]] = parse_key_file(data, "os-release")
         except (OSError, KeyFileError):
             values = None
+        reply = None
         if values is not None:
-            values = {member: os_release_value(values[key])
-                      for key, member in OS_RELEASE_FIELDS if key in values}
+            reply = dict(self._kernel)  # then the os-release members, in schema order
+            reply.update((member, os_release_value(values[key]))
+                         for key, member in OS_RELEASE_FIELDS if key in values)
         # Like git's "racy" entries: a file changed within the last moments
         # could change again without a visible change of its ctime (a coarse
         # clock), so it is not remembered until it has been quiet for a while.
         if time.time_ns() - info.st_ctime_ns > RACY_NS:
-            self._cache[path] = (identity, values)
+            self._cache[path] = (identity, reply)
         else:
             self._cache.pop(path, None)
-        return values
+        return reply
 
 
 @command("guest-get-osinfo")
 def get_osinfo(ctx) -> dict:
-    uname = os.uname()
-    info = {
-        "kernel-release": uname.release,
-        "kernel-version": uname.version,
-        "machine": uname.machine,
-    }
-    fields = ctx.service(OsRelease).fields()
-    if fields:
-        info.update(fields)
-    return ordered(info, OSINFO_ORDER)
+    return ctx.service(OsRelease).reply()
 
 
 # -- guest-get-timezone ---------------------------------------------------------
@@ -446,9 +449,9 @@ def get_timezone(ctx) -> dict:
     if tz is not None:
         if _glib_constant_offset(tz, True):
             # GLib names a constant-offset zone after the TZ value itself.
-            return ordered({"zone": tz, "offset": _constant_offset_seconds(tz)}, TIMEZONE_ORDER)
+            return {"zone": tz, "offset": _constant_offset_seconds(tz)}
         if not glib_accepts_tz(tz):
-            return ordered({"zone": "UTC", "offset": 0}, TIMEZONE_ORDER)
+            return {"zone": "UTC", "offset": 0}
     # glibc caches the zone per process; tzset() re-reads TZ and /etc/localtime
     # so a changed zone is seen, as GLib sees it.
     time.tzset()
@@ -456,7 +459,7 @@ def get_timezone(ctx) -> dict:
     zone = now.tm_zone
     if tz is not None and _glib_rules(tz):
         zone = zone[:GLIB_TZ_NAME_MAX]  # GLib keeps rule-string names in a fixed buffer
-    return ordered({"zone": zone, "offset": now.tm_gmtoff}, TIMEZONE_ORDER)
+    return {"zone": zone, "offset": now.tm_gmtoff}
 
 
 # -- guest-get-users ------------------------------------------------------------
@@ -471,8 +474,7 @@ _UTMP_TV = struct.Struct("<ii")
 def read_utmp_users(path: str = UTMP_FILE) -> List[dict]:
     """USER_PROCESS entries, one per user name, with the earliest login time."""
     try:
-        with open(path, "rb") as stream:
-            data = stream.read()
+        data = read_file(path)
     except OSError:
         return []  # getutxent() just finds no entries
     users: Dict[bytes, dict] = {}
@@ -490,7 +492,7 @@ def read_utmp_users(path: str = UTMP_FILE) -> List[dict]:
             users[name] = {"user": decode(name), "login-time": login}
         elif login < user["login-time"]:
             user["login-time"] = login
-    return [ordered(user, USER_ORDER) for user in users.values()]
+    return list(users.values())
 
 
 @command("guest-get-users")

@@ -17,7 +17,6 @@ import pytest
 from qga.commands import Context
 from qga.commands import network
 from qga.errors import CommandError
-from qga.qdict_order import qdict_order
 from tests.support.replies import validate_return
 
 
@@ -94,7 +93,7 @@ def test_interfaces_of_this_machine_match_ip(ctx):
             assert stats["rx-errs"] <= values[2] and stats["tx-dropped"] <= values[11]
         else:
             assert "statistics" not in entry
-        assert list(entry) == qdict_order([key for key in ("name", "hardware-address", "ip-addresses",
+        assert list(entry) == list([key for key in ("name", "hardware-address", "ip-addresses",
                                                            "statistics") if key in entry])
     validate_return(None, "guest-network-get-interfaces", reply)
 
@@ -190,8 +189,12 @@ def test_interfaces_from_netlink_messages_follow_getifaddrs_rules():
         {"name": "lo:7", "hardware-address": "00:00:00:00:00:00",
          "ip-addresses": [{"ip-address": "127.1.0.1", "ip-address-type": "ipv4", "prefix": 16}]},
     ]
-    assert [list(entry) for entry in reply][1] == qdict_order(["name", "hardware-address", "ip-addresses",
+    assert [list(entry) for entry in reply][1] == list(["name", "hardware-address", "ip-addresses",
                                                                "statistics"])
+    assert list(reply[1]["statistics"]) == list(["rx-bytes", "rx-packets", "rx-errs", "rx-dropped",
+                                                        "tx-bytes", "tx-packets", "tx-errs", "tx-dropped"])
+    for item in reply[1]["ip-addresses"]:
+        assert list(item) == list(["ip-address", "ip-address-type", "prefix"])
     validate_return(None, "guest-network-get-interfaces", reply)
 
 
@@ -238,7 +241,7 @@ def test_ipv6_routes_keep_qemu_ga_integer_types():
     # The metric of an unreachable route is 0xffffffff, an int -1 in qemu-ga.
     assert routes[2]["metric"] == -1
     assert len(routes) == 3
-    assert list(routes[0]) == qdict_order(["iface", "destination", "metric", "flags", "refcnt", "use",
+    assert list(routes[0]) == list(["iface", "destination", "metric", "flags", "refcnt", "use",
                                            "desprefixlen", "source", "srcprefixlen", "nexthop", "version"])
     validate_return(None, "guest-network-get-route", routes)
 
