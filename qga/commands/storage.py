@@ -411,13 +411,37 @@ def parse_mountinfo(data: bytes) -> List[FsMount]:
     return mounts
 
 
+def _read_mountinfo(mountinfo: str) -> bytes:
+    try:
+        return read_file(mountinfo)
+    except OSError:
+        # qemu-ga falls back to /proc/self/mounts, which is just as absent.
+        raise CommandError("failed to open mtab file: '/proc/self/mounts'") from None
+
+
 def local_mounts(mountinfo: str = MOUNTINFO) -> List[FsMount]:
     """The local filesystems of this mount namespace (see :func:`parse_mountinfo`)."""
-    try:
-        data = read_file(mountinfo)
-    except OSError:
-        raise CommandError("failed to open mtab file: '/proc/self/mounts'") from None
-    return parse_mountinfo(data)
+    return parse_mountinfo(_read_mountinfo(mountinfo))
+
+
+class MountTable:
+    """:func:`local_mounts`, parsed again only when the mount table's text changes.
+
+    The kernel writes the whole table on every read, so comparing the text
+    is exact; a btrfs line names a device node whose numbers could change,
+    so a table with btrfs lines is always parsed.
+    """
+
+    def __init__(self, ctx=None) -> None:
+        self._text = b""
+        self._mounts: List[FsMount] = []
+
+    def mounts(self, mountinfo: str = MOUNTINFO) -> List[FsMount]:
+        text = _read_mountinfo(mountinfo)
+        if text != self._text or b" - btrfs " in text:
+            self._mounts = parse_mountinfo(text)
+            self._text = text
+        return list(self._mounts)
 
 
 # -- guest-get-fsinfo --------------------------------------------------------------
@@ -444,7 +468,7 @@ def filesystem_info(mount: FsMount) -> dict:
 @command("guest-get-fsinfo")
 def get_fsinfo(ctx) -> list:
     # qemu-ga prepends each filesystem, so the list comes out in reverse mount order.
-    return [filesystem_info(mount) for mount in reversed(local_mounts())]
+    return [filesystem_info(mount) for mount in reversed(ctx.service(MountTable).mounts())]
 
 
 # -- guest-get-disks ----------------------------------------------------------------

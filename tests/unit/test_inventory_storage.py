@@ -81,6 +81,22 @@ def test_mount_list_matches_the_freeze_commands():
     assert ours, "no local filesystem at all?"
 
 
+def test_mount_table_follows_changes_of_the_text(tmp_path, ctx):
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_bytes(b"27 1 254:0 / / rw - ext4 /dev/vda rw\n")
+    table = ctx.service(storage.MountTable)
+    first = table.mounts(str(mountinfo))
+    assert [mount.dirname for mount in first] == ["/"]
+    first.append("changed by a caller")
+    assert len(table.mounts(str(mountinfo))) == 1  # callers get copies
+    mountinfo.write_bytes(b"27 1 254:0 / / rw - ext4 /dev/vda rw\n"
+                          b"30 27 8:1 / /srv rw - xfs /dev/sda1 rw\n")
+    assert [mount.dirname for mount in table.mounts(str(mountinfo))] == ["/", "/srv"]
+    with pytest.raises(CommandError) as caught:
+        table.mounts(str(tmp_path / "missing"))
+    assert caught.value.desc == "failed to open mtab file: '/proc/self/mounts'"
+
+
 def test_decode_mount_name():
     assert storage.decode_mount_name(b"plain") == b"plain"
     assert storage.decode_mount_name(b"a\\040b\\011c\\012d\\134e") == b"a b\tc\nd\\e"
