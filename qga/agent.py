@@ -44,6 +44,7 @@ class Agent:
         self._opener = None
         self._registered_fd: Optional[int] = None
         self._exit_status = 0
+        self._watchdog = None
 
     # -- life cycle ----------------------------------------------------------
 
@@ -93,16 +94,22 @@ class Agent:
         if self.ctx is not None and self.ctx.state.is_frozen():
             return  # never leave the guest frozen without its agent
         log.debug("received signal num %d, quitting", signum)
+        from qga import sdnotify
+
+        sdnotify.stopping()
         self.loop.stop()
 
     def _notify_ready(self) -> None:
-        try:
-            from qga.sdnotify import notify
-        except ImportError:
-            return
-        notify("READY=1")
+        """Tell systemd (Type=notify) we serve, and keep its watchdog fed."""
+        from qga import sdnotify
+
+        sdnotify.ready()
+        self._watchdog = sdnotify.Watchdog(self.loop)
+        self._watchdog.start()
 
     def _shutdown(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._opener is not None:
             self._opener.cancel()
         if self.ctx is not None:
