@@ -304,7 +304,8 @@ def extract_archive(archive: PathOrFile, manifest: Manifest, parent: str, name: 
         try:
             _extract_into(archive, manifest, parent_fd, name, limits)
         except BaseException:
-            remove_tree_at(parent_fd, name)
+            with contextlib.suppress(OSError):  # the first error is the one to report
+                remove_tree_at(parent_fd, name)
             raise
         os.fsync(parent_fd)
     finally:
@@ -324,8 +325,11 @@ def _make_fresh_directory(parent_fd: int, name: str, parent: str) -> None:
 
 def _extract_into(archive: PathOrFile, manifest: Manifest, parent_fd: int, name: str,
                   limits: Limits) -> None:
-    root_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      dir_fd=parent_fd)
+    try:
+        root_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=parent_fd)
+    except OSError as error:
+        raise BundleError(f"cannot open the new directory {name}: {error.strerror}") from None
     writer = _DirectoryWriter(root_fd)
     try:
         with open_archive(archive) as source:
