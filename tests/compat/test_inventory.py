@@ -387,3 +387,15 @@ def test_filesystems_in_a_mount_namespace(agent_pair, tmp_path):
     ours = [entry for entry in json.loads(actual)["return"] if str(tmp_path) in entry["mountpoint"]]
     assert [entry["mountpoint"] for entry in ours] == [str(sub), str(bound), str(spaced)]
     assert all(entry["name"].startswith("loop") and entry["disk"] == [] for entry in ours)
+
+
+@pytest.mark.parametrize("length", [63, 64])
+def test_host_name_at_the_length_limit(agent_pair, length):
+    """gethostname() into a 64-byte buffer: a 64-character name is an error in qemu-ga."""
+    reason = namespace_tools_reason()
+    if reason:
+        pytest.skip(reason)
+    name = "h" * length
+    pair = agent_pair(unshare_flags=["-u"], setup=f"hostname {name}")
+    reply = pair.compare(request("guest-get-host-name"))
+    assert (name.encode() in reply) == (length == 63)
