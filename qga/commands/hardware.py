@@ -99,8 +99,17 @@ def memory_block_dir(phys_index: int, memory_dir: str = MEMORY_SYSFS_DIR) -> str
     return f"{memory_dir}memory{phys_index}/"
 
 
+class _SysfsError(Exception):
+    """A failed sysfs read: qemu-ga's error text, and the errno its callers test."""
+
+    def __init__(self, desc: str, error_number: Optional[int]):
+        super().__init__(desc)
+        self.desc = desc
+        self.errno = error_number
+
+
 def _read_sysfs_file(dir_fd: int, name: str, size: int) -> bytes:
-    """qemu-ga's ``ga_read_sysfs_file``: raises ``(CommandError, errno)`` pairs via ``_SysfsError``."""
+    """qemu-ga's ``ga_read_sysfs_file``: up to ``size`` bytes, or :class:`_SysfsError`."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as error:
@@ -114,13 +123,6 @@ def _read_sysfs_file(dir_fd: int, name: str, size: int) -> bytes:
     if not data:
         raise _SysfsError(f'pread sysfs file "{name}": unexpected EOF', 0)
     return data
-
-
-class _SysfsError(Exception):
-    def __init__(self, desc: str, error_number: Optional[int]):
-        super().__init__(desc)
-        self.desc = desc
-        self.errno = error_number
 
 
 def read_memory_block(phys_index: int, memory_dir: str = MEMORY_SYSFS_DIR) -> dict:

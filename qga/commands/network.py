@@ -61,7 +61,10 @@ _IFINFOMSG = struct.Struct("=BxHiII")
 _IFINDEX = struct.Struct("=i")
 _STATS64 = struct.Struct("=16Q")
 _IFADDRMSG = struct.Struct("=BBBBI")
+# A dump the kernel flags as interrupted (links or addresses changed
+# meanwhile) is taken again, a few times at most.
 DUMP_ATTEMPTS = 3
+RECV_TIMEOUT = 5  # seconds
 # Room for a whole dump batch; the kernel fills at most this much per read.
 _RECV_SIZE = 1 << 16
 
@@ -142,6 +145,10 @@ class RouteSocket:
                                  socket.NETLINK_ROUTE)
             try:
                 sock.bind((0, 0))
+                # The kernel answers a dump at once; a bound on the wait
+                # keeps the single-threaded agent safe all the same, without
+                # the extra poll() a Python-level timeout costs per read.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", RECV_TIMEOUT, 0))
             except OSError:
                 sock.close()
                 raise

@@ -1,12 +1,15 @@
 """Read-only storage inventory: filesystems, disks and their addresses, I/O statistics.
 
 ``guest-get-fsinfo`` takes the local filesystems from the mount table
-(:func:`local_mounts`, qemu-ga's rules, public for other commands) and describes the disks under each: a real device gets a
-``GuestDiskAddress`` built from its sysfs path the way qemu-ga builds it (the
-PCI controller, then the bus type and bus/target/unit from the driver and the
-SCSI/ATA path components), a virtual one (device-mapper, md) is followed
-through its ``slaves``.  libvirt parses these addresses to map guest disks to
-its own disk definitions, so the numbers must be qemu-ga's.
+(:func:`local_mounts`: qemu-ga's rules, public for other commands) and
+describes the disks under each: a real device gets a ``GuestDiskAddress``
+built from its sysfs path the way qemu-ga builds it (the PCI controller, then
+the bus type and bus/target/unit from the driver and the SCSI/ATA path
+components), a virtual one (device-mapper, md) is followed through its
+``slaves``.  libvirt parses these addresses to map guest disks to its own
+disk definitions, so the numbers must be qemu-ga's.  Every mount is listed,
+bind mounts included, as qemu-ga 7.2 does (newer upstream versions skip a
+device already listed).
 
 qemu-ga asks libudev for a device's node and serial; without linking libudev
 we read what libudev reads: ``DEVNAME`` from the device's ``uevent`` file and
