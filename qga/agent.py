@@ -76,6 +76,9 @@ class Agent:
         from qga.dispatch import Dispatcher, Policy
         from qga.schema import Schema
 
+        if getattr(self.config, "allow_unsigned_extensions", False):
+            # An explicit admin choice that weakens the security model: say so.
+            log.warning("unsigned extension bundles are allowed (allow-unsigned-extensions)")
         self.ctx = Context(self.config, state, self.loop)
         self.dispatcher = Dispatcher(Schema.load(), collect_handlers(), self.ctx,
                                      Policy.from_config(self.config))
