@@ -127,6 +127,7 @@ def test_request_and_reply(port):
     assert port.host_read() == b'{"return": {}}\n'
 
 
+@pytest.mark.timeout(60)
 def test_read_drains_large_input_in_chunks(port):
     port.connect()
     payload = bytes(range(256)) * 1000
