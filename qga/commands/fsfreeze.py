@@ -422,10 +422,10 @@ class _TrimJob:
 
 
 def _trim_result(path: str, outcome: dict) -> dict:
-    # qemu-ga's members come out in QDict order (qga.qdict_order), not QAPI's.
+    # Schema order: the reply writer turns it into qemu-ga's QDict order.
     if "error" in outcome:
         return {"path": path, "error": outcome["error"]}
-    return {"minimum": outcome["minimum"], "path": path, "trimmed": outcome["trimmed"]}
+    return {"path": path, "trimmed": outcome["trimmed"], "minimum": outcome["minimum"]}
 
 
 def _as_int64(value: int) -> int:

@@ -108,11 +108,11 @@ class _BlockAnswer:
         return self
 
     def reply(self) -> dict:
-        if self.error_code is None:
-            return {"response": self.response, "phys-index": self.phys_index}
-        # qemu-ga's members come out in QDict order (qga.qdict_order), not QAPI's.
-        return {"response": self.response, "error-code": self.error_code,
-                "phys-index": self.phys_index}
+        # Schema order: the reply writer turns it into qemu-ga's QDict order.
+        answer = {"phys-index": self.phys_index, "response": self.response}
+        if self.error_code is not None:
+            answer["error-code"] = self.error_code
+        return answer
 
 
 def _set_memory_block(phys_index: int, online: bool) -> dict:
