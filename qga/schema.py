@@ -469,7 +469,13 @@ class ArgumentVisitor:
 
 
 def _render(path: Path) -> str:
-    """qemu's ``full_name()``: ``vcpus[0].online``."""
+    """qemu's ``full_name()``: ``vcpus[0].online``.
+
+    qemu says ``<anonymous>`` only when there is no name at all; an empty
+    member name (``{"": 1}``) renders as the empty string.
+    """
+    if not path:
+        return "<anonymous>"
     text = ""
     for segment in path:
         if type(segment) is int:
@@ -478,7 +484,7 @@ def _render(path: Path) -> str:
             text += "." + segment
         else:
             text = segment
-    return text or "<anonymous>"
+    return text
 
 
 def _short(path: Path) -> str:
