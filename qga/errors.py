@@ -30,6 +30,8 @@ ever reach the wire, and they carry the two error classes qemu-ga sends.
     │   ├── SignatureError      -> the signature or statement is missing, malformed or does
     │   │                          not match; or an unsigned bundle while those are refused
     │   └── RollbackError       -> the statement's counter is not above the installed one
+    ├── CredentialsError        -> single sign-on: the root-only credentials socket cannot
+    │                              be set up (the extension then emits no token)
     └── ClientError             -> host side (qga.host): talking to an agent
         ├── AgentError          -> the agent answered with an error reply
         ├── ConnectionLost      -> the socket closed or broke
@@ -143,6 +145,13 @@ class SignatureError(ExtensionError):
 
 class RollbackError(ExtensionError):
     """The bundle's counter is not higher than the installed one (a replay or a downgrade)."""
+
+
+# -- single sign-on -------------------------------------------------------------
+
+
+class CredentialsError(QgaError):
+    """The credentials socket of single sign-on cannot be set up (unsafe directory, bind)."""
 
 
 # -- host side -----------------------------------------------------------------
