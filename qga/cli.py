@@ -21,9 +21,11 @@ The order of events is qemu-ga's (9.1+):
    daemonizing with ``-d``).
 
 Our own long options: ``--file-allow-dirs``, ``--exec-allow-programs``,
-``--fsfreeze-max-frozen-time``, ``--allow-unsigned-extensions`` (see
+``--fsfreeze-max-frozen-time``, ``--allow-unsigned-extensions``,
+``--runtime-dir``, ``--trust-dirs``, ``--virtio-ports-dir`` (see
 :mod:`qga.config`).  They make some abbreviations qemu-ga accepts ambiguous
-(``--f``, ``--fsfreeze``, ``--a``, ``--allow``); the full names are unaffected.
+(``--f``, ``--fsfreeze``, ``--a``, ``--allow``, ``--r``); the full names are
+unaffected.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ FILE_ALLOW_DIRS = "file-allow-dirs"
 EXEC_ALLOW_PROGRAMS = "exec-allow-programs"
 MAX_FROZEN_TIME = "fsfreeze-max-frozen-time"
 ALLOW_UNSIGNED = "allow-unsigned-extensions"
+RUNTIME_DIR = "runtime-dir"
+TRUST_DIRS = "trust-dirs"
+VIRTIO_PORTS_DIR = "virtio-ports-dir"
 
 SOCKET_ACTIVATION_FD = 3
 
@@ -82,6 +87,9 @@ LONG_OPTIONS = (
     LongOption(EXEC_ALLOW_PROGRAMS, REQUIRED_ARGUMENT, EXEC_ALLOW_PROGRAMS),
     LongOption(MAX_FROZEN_TIME, REQUIRED_ARGUMENT, MAX_FROZEN_TIME),
     LongOption(ALLOW_UNSIGNED, NO_ARGUMENT, ALLOW_UNSIGNED),
+    LongOption(RUNTIME_DIR, REQUIRED_ARGUMENT, RUNTIME_DIR),
+    LongOption(TRUST_DIRS, REQUIRED_ARGUMENT, TRUST_DIRS),
+    LongOption(VIRTIO_PORTS_DIR, REQUIRED_ARGUMENT, VIRTIO_PORTS_DIR),
 )
 
 ERROR = "?"  # the code getopt_long() returns for a bad option
@@ -255,7 +263,8 @@ def apply_option(code: str, value: Optional[str], prog: str, config: Config) -> 
             config.add_allow_rpcs(value)
     elif code == ALLOW_UNSIGNED:
         config.allow_unsigned_extensions = True
-    elif code in (FILE_ALLOW_DIRS, EXEC_ALLOW_PROGRAMS, MAX_FROZEN_TIME):
+    elif code in (FILE_ALLOW_DIRS, EXEC_ALLOW_PROGRAMS, MAX_FROZEN_TIME, RUNTIME_DIR,
+                  TRUST_DIRS, VIRTIO_PORTS_DIR):
         apply_our_option(code, value, prog, config)
     # "c" was handled by the first pass; "s" is Windows-only and ignored.
 
@@ -265,6 +274,9 @@ def apply_our_option(code: str, value: str, prog: str, config: Config) -> None:
         FILE_ALLOW_DIRS: config.add_file_allow_dirs,
         EXEC_ALLOW_PROGRAMS: config.add_exec_allow_programs,
         MAX_FROZEN_TIME: config.set_max_frozen_time,
+        RUNTIME_DIR: config.set_runtime_dir,
+        TRUST_DIRS: config.add_trust_dirs,
+        VIRTIO_PORTS_DIR: config.set_virtio_ports_dir,
     }
     try:
         setters[code](value)
@@ -446,5 +458,13 @@ Options of qga only (also keys of the [qga] group of the config file):
                     thaw filesystems by ourselves after this long (0 = never)
       --allow-unsigned-extensions
                     accept extension bundles that are not signed
+      --runtime-dir=DIR
+                    extensions' sockets and runtime files (default /run/qga)
+      --trust-dirs=DIRS
+                    comma-separated directories of keys trusted to sign
+                    extensions (default /etc/qga/trust.d,/usr/lib/qga/trust.d)
+      --virtio-ports-dir=DIR
+                    where channel-mode extensions find their ports
+                    (default /dev/virtio-ports)
 
 """

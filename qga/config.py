@@ -58,6 +58,16 @@ Keys of group ``[qga]`` (our own; qemu-ga ignores groups it does not know):
                               signature (default false: signatures required;
                               see :mod:`qga.ext.verify`); ``-D`` prints it
                               only when true (``--allow-unsigned-extensions``)
+``runtime-dir``               where extensions' sockets and runtime files live,
+                              default ``/run/qga`` (``--runtime-dir``)
+``trust-dirs``                comma list of the directories of keys trusted to
+                              sign extensions; empty: ``/etc/qga/trust.d`` then
+                              ``/usr/lib/qga/trust.d`` (``--trust-dirs``)
+``virtio-ports-dir``          where channel-mode extensions look for their
+                              virtio-serial ports, default ``/dev/virtio-ports``
+                              (``--virtio-ports-dir``)
+
+``-D`` prints the last three only when they are not the defaults.
 
 Our lists accumulate like qemu-ga's, but keep their order and drop empty items.
 """
@@ -81,6 +91,8 @@ DEFAULT_SERIAL_PATH = "/dev/ttyS0"
 DEFAULT_PIDFILE = "/var/run/qemu-ga.pid"
 DEFAULT_STATEDIR = "/var/run"
 DEFAULT_FSFREEZE_HOOK = "/etc/qemu/fsfreeze-hook"
+DEFAULT_RUNTIME_DIR = "/run/qga"
+DEFAULT_VIRTIO_PORTS_DIR = "/dev/virtio-ports"
 
 GENERAL = "general"
 OURS = "qga"
@@ -108,7 +120,8 @@ class Config:
         "method", "path", "logfile", "pidfile", "fsfreeze_hook", "statedir",
         "verbose", "daemonize", "retry_path", "block_rpcs", "allow_rpcs",
         "file_allow_dirs", "exec_allow_programs", "fsfreeze_max_frozen_time",
-        "allow_unsigned_extensions", "listen_fd", "config_path",
+        "allow_unsigned_extensions", "runtime_dir", "trust_dirs", "virtio_ports_dir",
+        "listen_fd", "config_path",
     )
 
     def __init__(self, **values: object) -> None:
@@ -127,6 +140,9 @@ class Config:
         self.exec_allow_programs: List[str] = []
         self.fsfreeze_max_frozen_time: float = 0
         self.allow_unsigned_extensions: bool = False
+        self.runtime_dir: str = DEFAULT_RUNTIME_DIR
+        self.trust_dirs: List[str] = []  # empty: qga.ext.trust.DEFAULT_TRUST_DIRS
+        self.virtio_ports_dir: str = DEFAULT_VIRTIO_PORTS_DIR
         self.listen_fd: Optional[int] = None
         self.config_path: Optional[str] = None
         for name, value in values.items():
@@ -165,6 +181,16 @@ class Config:
     def set_max_frozen_time(self, text: str) -> None:
         self.fsfreeze_max_frozen_time = parse_seconds(text)
 
+    def set_runtime_dir(self, text: str) -> None:
+        self.runtime_dir = _absolute_path(text, "runtime-dir")
+
+    def add_trust_dirs(self, text: str) -> None:
+        self.trust_dirs.extend(_absolute_path(item, "trust-dirs")
+                               for item in split_our_list(text))
+
+    def set_virtio_ports_dir(self, text: str) -> None:
+        self.virtio_ports_dir = _absolute_path(text, "virtio-ports-dir")
+
     # -- after parsing ---------------------------------------------------------
 
     def resolve_path(self) -> None:
@@ -192,6 +218,12 @@ def split_rpc_list(text: str) -> List[str]:
 
 def split_our_list(text: str) -> List[str]:
     return [item for item in text.split(",") if item]
+
+
+def _absolute_path(text: str, key: str) -> str:
+    if not text.startswith("/"):
+        raise ConfigError(f"{key}: '{text}' is not an absolute path")
+    return text
 
 
 def parse_seconds(text: str) -> float:
@@ -444,6 +476,12 @@ def load_file(config: Config, path: str, required: bool = False,
          _checked(config.set_max_frozen_time, "fsfreeze-max-frozen-time", errors))
     read(OURS, "allow-unsigned-extensions", keyfile.get_boolean,
          assign("allow_unsigned_extensions"))
+    read(OURS, "runtime-dir", keyfile.get_string,
+         _checked(config.set_runtime_dir, "runtime-dir", errors))
+    read(OURS, "trust-dirs", keyfile.get_string,
+         _checked(config.add_trust_dirs, "trust-dirs", errors))
+    read(OURS, "virtio-ports-dir", keyfile.get_string,
+         _checked(config.set_virtio_ports_dir, "virtio-ports-dir", errors))
     if errors:
         _fail(path, errors[0])
 
@@ -497,6 +535,12 @@ def dump(config: Config) -> bytes:
     ]
     if config.allow_unsigned_extensions:
         ours.append(("allow-unsigned-extensions", "true"))
+    if config.runtime_dir != DEFAULT_RUNTIME_DIR:
+        ours.append(("runtime-dir", config.runtime_dir))
+    if config.trust_dirs:
+        ours.append(("trust-dirs", ",".join(config.trust_dirs)))
+    if config.virtio_ports_dir != DEFAULT_VIRTIO_PORTS_DIR:
+        ours.append(("virtio-ports-dir", config.virtio_ports_dir))
     text = _group(GENERAL, general) + "\n" + _group(OURS, ours)
     return text.encode("utf-8", "surrogateescape")
 

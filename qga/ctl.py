@@ -68,6 +68,8 @@ _FILE_KEYS = {
     ("qga", "exec-allow-programs"): "exec_allow_programs",
     ("qga", "fsfreeze-max-frozen-time"): "fsfreeze_max_frozen_time",
     ("qga", "allow-unsigned-extensions"): "allow_unsigned_extensions",
+    ("qga", "runtime-dir"): "runtime_dir", ("qga", "trust-dirs"): "trust_dirs",
+    ("qga", "virtio-ports-dir"): "virtio_ports_dir",
 }
 _OPTION_ATTRIBUTES = {
     "d": "daemonize", "m": "method", "p": "path", "l": "logfile", "f": "pidfile",
@@ -76,9 +78,11 @@ _OPTION_ATTRIBUTES = {
     "exec-allow-programs": "exec_allow_programs",
     "fsfreeze-max-frozen-time": "fsfreeze_max_frozen_time",
     "allow-unsigned-extensions": "allow_unsigned_extensions",
+    "runtime-dir": "runtime_dir", "trust-dirs": "trust_dirs",
+    "virtio-ports-dir": "virtio_ports_dir",
 }
 # Settings whose file and command-line values add up.
-_LISTS = ("block_rpcs", "allow_rpcs", "file_allow_dirs", "exec_allow_programs")
+_LISTS = ("block_rpcs", "allow_rpcs", "file_allow_dirs", "exec_allow_programs", "trust_dirs")
 # What provenance is reported for (listen_fd and config_path are not settings).
 _SOURCED = tuple(name for name in Config.SETTINGS if name not in ("listen_fd", "config_path"))
 
