@@ -7,6 +7,12 @@ fresh stream).  Each request is dispatched in order; the replies produced by
 one chunk of input are written together, which keeps their order and saves
 a system call per reply when a host pipelines requests.
 
+A handler may answer later (an extension's reply): it returns a
+:class:`~qga.commands.Deferred`.  The agent then stops reading the channel,
+so the host's next requests wait their turn and replies keep their order,
+while the loop goes on serving timers, children and extensions; once the
+deferred is settled its reply is written and the requests resume.
+
 Shutdown follows qemu-ga: SIGTERM and SIGINT end the loop with status 0,
 except while filesystems are frozen, when they are ignored (a frozen guest
 must not lose its agent, the only way to thaw it).  Every exit path closes
@@ -19,7 +25,7 @@ import logging
 import signal
 from typing import List, Optional
 
-from qga.commands import Context, collect_handlers
+from qga.commands import Context, Deferred, collect_handlers
 from qga.errors import StateError
 from qga.loop import Loop
 from qga.protocol import DELIMITER, NEED_DATA, Parser, Request, encode_reply_chunks
@@ -45,6 +51,7 @@ class Agent:
         self._registered_fd: Optional[int] = None
         self._exit_status = 0
         self._watchdog = None
+        self._waiting: Optional[Deferred] = None  # a reply the host's next requests wait for
 
     # -- life cycle ----------------------------------------------------------
 
@@ -157,8 +164,11 @@ class Agent:
     def _on_readable(self, _events: int) -> None:
         from qga.errors import ChannelError
 
+        if self._waiting is not None:
+            self._unregister()  # a reopened channel waits too
+            return
         try:
-            while True:
+            while self._waiting is None:
                 data = self.channel.read()
                 if data is None:
                     break
@@ -172,19 +182,19 @@ class Agent:
             if not self._opener.channel_failed():
                 self._on_channel_give_up()
             return
-        if self.channel is not None:
+        if self.channel is not None and self._waiting is None:
             self._register()
 
     # -- requests and replies ------------------------------------------------
 
     def _serve_pending(self) -> None:
-        """Dispatch every complete request buffered so far, in order."""
+        """Dispatch every complete request buffered so far, in order, until one is deferred."""
         pending: List[bytes] = []
         size = 0
         parser = self.parser
         dispatcher = self.dispatcher
         ctx = self.ctx
-        while True:
+        while self._waiting is None:
             event = parser.next_event()
             if event is NEED_DATA:
                 break
@@ -194,6 +204,12 @@ class Agent:
                 reply = dispatcher.error_reply(event.error)
             if reply is None:
                 continue  # guest-shutdown and the suspends answer nothing on success
+            if type(reply.get("return")) is Deferred:
+                deferred = reply["return"]
+                if not deferred.done:
+                    self._wait_for(deferred, reply)
+                    break
+                reply = _settled_reply(deferred, reply)
             chunks = encode_reply_chunks(reply)
             if ctx.take_delimit_flag():
                 chunks[0] = DELIMITER + chunks[0]
@@ -205,6 +221,25 @@ class Agent:
                 size = 0
         if pending:
             self._write(pending)
+
+    def _wait_for(self, deferred: Deferred, reply: dict) -> None:
+        self._waiting = deferred
+        self._unregister()
+        # Settled from the loop, never from inside whoever settles it.
+        deferred.add_done_callback(
+            lambda settled: self.loop.call_later(0, lambda: self._on_settled(settled, reply)))
+
+    def _on_settled(self, deferred: Deferred, reply: dict) -> None:
+        if self._waiting is not deferred:
+            return
+        self._waiting = None
+        chunks = encode_reply_chunks(_settled_reply(deferred, reply))
+        if self.ctx.take_delimit_flag():
+            chunks[0] = DELIMITER + chunks[0]
+        self._write(chunks)
+        self._serve_pending()  # requests parsed while waiting
+        if self._waiting is None and self.channel is not None:
+            self._on_readable(0)  # then whatever the channel holds; it registers again
 
     def _write(self, chunks: List[bytes]) -> None:
         """Write small chunks joined (one system call), big ones as they are."""
@@ -221,3 +256,12 @@ class Agent:
             self.channel.write(chunk)
         if batch:
             self.channel.write(batch[0] if len(batch) == 1 else b"".join(batch))
+
+
+def _settled_reply(deferred: Deferred, reply: dict) -> dict:
+    """The reply of a settled deferred: its value, or its error with the request's id."""
+    if deferred.error is None:
+        reply["return"] = deferred.value
+        return reply
+    body = {"class": deferred.error.error_class, "desc": deferred.error.desc}
+    return {"id": reply["id"], "error": body} if "id" in reply else {"error": body}

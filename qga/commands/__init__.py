@@ -11,6 +11,12 @@ the reply value (``None`` for commands without ``returns``) or raises a
 Families keep their state in *services*: small classes built once per agent
 on first use with ``ctx.service(FileTable)``.  There are no module-level
 mutable globals.
+
+A handler whose answer comes later from the event loop (an extension's
+reply) returns a :class:`Deferred` instead of the value.  The agent then
+holds the host's later requests, so replies keep their order, until the
+deferred is resolved or fails; the loop meanwhile serves everything else.
+Whoever returns a deferred must settle it within a bounded time.
 """
 
 from __future__ import annotations
@@ -105,6 +111,43 @@ def collect_handlers(modules: Optional[Dict[str, Tuple[str, ...]]] = None,
         else:
             handlers.update(module_handlers(module_name))
     return handlers
+
+
+class Deferred:
+    """A reply value that the event loop will provide later (see the module docstring).
+
+    Exactly one of :meth:`resolve` and :meth:`fail` settles it; later calls
+    are ignored, so a timeout and a late answer cannot both count.
+    """
+
+    __slots__ = ("done", "value", "error", "_callbacks")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.value: Any = None
+        self.error: Any = None   # a CommandError once failed
+        self._callbacks: list = []
+
+    def resolve(self, value: Any) -> None:
+        self._settle(value, None)
+
+    def fail(self, error: Any) -> None:
+        self._settle(None, error)
+
+    def add_done_callback(self, callback: Callable[["Deferred"], None]) -> None:
+        """Call ``callback(self)`` when settled (at once if it is already)."""
+        if self.done:
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+    def _settle(self, value: Any, error: Any) -> None:
+        if self.done:
+            return
+        self.done, self.value, self.error = True, value, error
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
 
 
 class Context:
