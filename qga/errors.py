@@ -29,7 +29,11 @@ ever reach the wire, and they carry the two error classes qemu-ga sends.
     │   │                          key file) or no trusted key may sign this extension
     │   ├── SignatureError      -> the signature or statement is missing, malformed or does
     │   │                          not match; or an unsigned bundle while those are refused
-    │   └── RollbackError       -> the statement's counter is not above the installed one
+    │   ├── RollbackError       -> the statement's counter is not above the installed one
+    │   ├── StoreError          -> the extension store's index cannot be read or trusted
+    │   │                          (nothing is started or deleted then)
+    │   └── ExtensionRunError   -> an installed extension cannot be started, reached or
+    │                              called (no user, spawn failed, not running, timed out)
     ├── CredentialsError        -> single sign-on: the root-only credentials socket cannot
     │                              be set up (the extension then emits no token)
     └── ClientError             -> host side (qga.host): talking to an agent
@@ -152,6 +156,14 @@ class RollbackError(ExtensionError):
 
 class CredentialsError(QgaError):
     """The credentials socket of single sign-on cannot be set up (unsafe directory, bind)."""
+
+
+class StoreError(ExtensionError):
+    """The extension store's index is unreadable or malformed; nothing is started or deleted."""
+
+
+class ExtensionRunError(ExtensionError):
+    """An installed extension cannot be started, reached or called; the message says why."""
 
 
 # -- host side -----------------------------------------------------------------

@@ -55,7 +55,7 @@ import re
 import time
 from typing import Any, Dict, Iterator, List, Optional
 
-from qga.errors import ExtensionError, StateError
+from qga.errors import StateError, StoreError
 from qga.state import atomic_write
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,6 @@ _VERSION_ID = re.compile(r"([1-9][0-9]{0,17})-[0-9A-Za-z.+-]{1,64}")
 def has_store(statedir: str) -> bool:
     """Whether an extension store exists in ``statedir`` (cheap: one stat)."""
     return os.path.exists(os.path.join(statedir, STORE_DIR, INDEX_FILE))
-
-
-class StoreError(ExtensionError):
-    """The store's index is unreadable; nothing is started and nothing deleted."""
 
 
 class Entry:

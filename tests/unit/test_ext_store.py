@@ -8,7 +8,8 @@ import stat
 
 import pytest
 
-from qga.ext.store import Store, StoreError, has_store, version_of
+from qga.errors import StoreError
+from qga.ext.store import Store, has_store, version_of
 
 
 def add_version(store, name, version):
