@@ -95,6 +95,13 @@ CAPABILITIES = {
     "system-bus": "connect to the D-Bus system bus",
     # The sandbox lets the extension open IP sockets (denied otherwise).
     "network": "open AF_INET/AF_INET6 sockets",
+    # Primitives "shutdown" {mode: powerdown|reboot, delay: minutes, message},
+    # "suspend" {state: disk|mem} and "drop-caches" {}: the host's power and
+    # migration requests (the oVirt agent's shutdown, hibernate, flush-caches).
+    "power": "ask the core to shut down, reboot or suspend the guest, or drop caches",
+    # Primitives "lock-sessions" {} and "log-off" {} (the session active on
+    # seat0): the oVirt agent's lock-screen and log-off.
+    "sessions": "ask the core to lock the sessions or end the active one",
 }
 
 DEFAULT_LIMITS = {"memory": 256 * 1024 * 1024, "cpu": 100, "nofile": 1024, "nproc": 64,
