@@ -36,6 +36,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -199,6 +200,7 @@ def build_guest_image(root: Optional[Path] = None, log=None) -> GuestImage:
     inputs = resolve_inputs()
     final = root / cache_key(inputs)
     if (final / "manifest.json").is_file():
+        os.utime(final)  # in use: keeps it from being pruned as stale
         return GuestImage(final)
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o755)  # libvirt's QEMU (another user) reads kernel and initrd here
@@ -217,11 +219,18 @@ def build_guest_image(root: Optional[Path] = None, log=None) -> GuestImage:
     return GuestImage(final)
 
 
-def _remove_stale_images(root: Path, keep: Path) -> None:
-    """Images built from older inputs are never used again: free their ~130 MB."""
+def _remove_stale_images(root: Path, keep: Path, unused_for: float = 3600.0) -> None:
+    """Free the ~130 MB of images built from other inputs and unused for an hour.
+
+    The hour spares an image another checkout (an older commit, a concurrent
+    run) is using right now: every use touches the image's directory.
+    """
+    now = time.time()
     for candidate in root.iterdir():
-        if (candidate != keep and len(candidate.name) == 16 and candidate.is_dir()
-                and (candidate / "manifest.json").is_file()):
+        image = len(candidate.name) == 16 and (candidate / "manifest.json").is_file()
+        abandoned_build = candidate.name.startswith(".build-")  # its builder was killed
+        if (candidate != keep and candidate.is_dir() and (image or abandoned_build)
+                and now - candidate.stat().st_mtime > unused_for):
             shutil.rmtree(candidate, ignore_errors=True)
 
 
@@ -412,8 +421,7 @@ def shared_libraries(binary: Path) -> List[str]:
             if index + 1 < len(parts) and parts[index + 1].startswith("/"):
                 libraries.append(parts[index + 1])
         elif parts and parts[0].startswith("/"):
-            libraries.append(parts[0])  # the dynamic loader
-    # The loader is also reached through /lib64 on x86-64.
+            libraries.append(parts[0])  # the dynamic loader, as /lib64/ld-linux-x86-64.so.2
     return libraries
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -96,10 +95,10 @@ class QemuVM:
         make_data_disk(self.disk)
         initrd = guest_initrd(self.image, self.workdir)
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(self.argv(initrd), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=open(self.workdir / "qemu.stderr", "wb"),
-                                     start_new_session=True)
+        with open(self.workdir / "qemu.stderr", "wb") as stderr:
+            self.proc = subprocess.Popen(self.argv(initrd), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=stderr,
+                                         start_new_session=True)
         deadline = time.monotonic() + 10
         while not self.socket_path.exists():
             if self.proc.poll() is not None:
@@ -185,22 +184,3 @@ def wait_for_agent(path: Path, timeout: float, vm: Optional[QemuVM] = None) -> f
                 time.sleep(0.05)
     finally:
         client.close()
-
-
-def connect(path: Path, timeout: float = 30.0):
-    """A :class:`qga.host.client.Client` for the chardev socket, already synchronised."""
-    from qga.host.client import Client
-
-    client = Client(path, timeout=timeout, sync_timeout=10.0)
-    client.connect()
-    client.sync()
-    return client
-
-
-def socket_accepts(path: Path) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX) as probe:
-            probe.connect(str(path))
-        return True
-    except OSError:
-        return False
