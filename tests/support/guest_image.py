@@ -202,8 +202,12 @@ def build_guest_image(root: Optional[Path] = None, log=None) -> GuestImage:
     if (final / "manifest.json").is_file():
         os.utime(final)  # in use: keeps it from being pruned as stale
         return GuestImage(final)
-    root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o755)  # libvirt's QEMU (another user) reads kernel and initrd here
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o755)  # QEMU may run as another user and reads the kernel here
+    except OSError as error:
+        raise ImageError(f"cannot use the image cache {root} ({error.strerror}); "
+                         "set QGA_E2E_CACHE to a writable directory") from None
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     try:
         _Builder(inputs, root / "debs", staging, log).build()
