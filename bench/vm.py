@@ -79,14 +79,6 @@ def bench_agent(image, agent: str, harness: Path, arguments: list, keep: bool) -
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def with_compare_aliases(result: dict) -> dict:
-    """Also file the harness's ``file_read``/``file_write`` MB/s under the keys compare.py reads."""
-    for source, alias in (("file_read", "fileread"), ("file_write", "filewrite")):
-        if isinstance(result.get(source), dict) and "MB_per_s" in result[source]:
-            result.setdefault(alias, {}).setdefault("mb_per_s", result[source]["MB_per_s"])
-    return result
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
@@ -105,7 +97,7 @@ def main(argv=None) -> int:
     results = {}
     for agent in AGENTS:
         print(f"benchmarking {agent} in the VM ...", file=sys.stderr, flush=True)
-        results[agent] = with_compare_aliases(
+        results[agent] = (
             bench_agent(image, agent, harness, arguments, args.keep))
     theirs, ours = results["qemu-ga"], results["qga"]
     # Startup and memory rows stay empty here (the agents run in the guest).
