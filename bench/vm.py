@@ -97,8 +97,7 @@ def main(argv=None) -> int:
     results = {}
     for agent in AGENTS:
         print(f"benchmarking {agent} in the VM ...", file=sys.stderr, flush=True)
-        results[agent] = (
-            bench_agent(image, agent, harness, arguments, args.keep))
+        results[agent] = bench_agent(image, agent, harness, arguments, args.keep)
     theirs, ours = results["qemu-ga"], results["qga"]
     # Startup and memory rows stay empty here (the agents run in the guest).
     rows = [row for row in compare.ratio_rows(ours, theirs)
