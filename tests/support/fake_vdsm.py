@@ -445,7 +445,7 @@ class FakeCore:
         self.replies: Dict[Any, Dict[str, Any]] = {}
         self.hellos: List[str] = []
         self.channel_connections = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._selector = selectors.DefaultSelector()
         self._control: Optional[socket.socket] = None
         self._channel: Optional[socket.socket] = None
@@ -656,6 +656,8 @@ class FakeCore:
         raise AssertionError(f"no such frame within {timeout} s; frames: {self.frames}")
 
     def close(self) -> None:
+        if not self._running:
+            return
         self._running = False
         self._wake_w.send(b"x")
         self._thread.join(5)
@@ -664,3 +666,39 @@ class FakeCore:
             if sock is not None:
                 sock.close()
         self._selector.close()
+
+
+# -- the extension as a process ----------------------------------------------------------
+
+
+class ExtensionProcess:
+    """The oVirt extension run as the core would: ``python3 main.py`` with only its
+    environment (plus what the test adds), stdout and stderr kept in a file."""
+
+    def __init__(self, bundle_dir: str, environ: Dict[str, str], log_path: str):
+        import subprocess
+        import sys
+
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, os.path.join(bundle_dir, "main.py")],
+                                        cwd=bundle_dir, env=environ, stdin=subprocess.DEVNULL,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        with open(self.log_path, "rb") as stream:
+            return stream.read().decode("utf-8", "replace")
+
+    def stop(self, signum: int = 15, timeout: float = 10.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._log.close()

@@ -141,7 +141,8 @@ def test_applications_exact_names_virtual_packages_and_rpm():
     dpkg = ("ii \tkernel-thing\t1.0\t\n"
             "ii \tcloud-init\t22.4.2-1\t\n"
             "rc \tovirt-guest-agent\t1.0.16\t\n"                   # removed: not installed
-            "ii \tlinux-image-6.1.0-18-amd64\t6.1.76-1\tlinux-image (= 6.1.76-1), wireguard-modules (= 1.0.0)\n"  # noqa: E501
+            "ii \tlinux-image-6.1.0-18-amd64\t6.1.76-1\t"
+            "linux-image (= 6.1.76-1), wireguard-modules (= 1.0.0)\n"
             "ii \tcloud-init-extra\t1\t\n")
     rpm = "kernel\t5.14.0\t362.el9\nkernel-core\t5.14.0\t362.el9\ncloud-init\t23.1\t1.el9\n"
     calls = []

@@ -59,6 +59,8 @@ DEFAULTS: Dict[str, Any] = {
     "docker_socket": "/var/run/docker.sock",
     # Seconds per scheduler tick (the original's loop sleeps 1 s; tests go faster).
     "tick_interval": 1.0,
+    # The lowest level of the lines sent to the agent's log.
+    "log_level": "info",
 }
 
 _RATES = ("heart_beat_rate", "report_user_rate", "report_num_cpu_rate",
@@ -66,7 +68,7 @@ _RATES = ("heart_beat_rate", "report_user_rate", "report_num_cpu_rate",
 _LISTS = ("applications_list", "ignored_fs", "ignored_nics")
 _BOOLEANS = ("ignore_zero_size_fs", "flush_caches", "session_events")
 _NUMBERS = ("hook_timeout", "tick_interval")
-_TEXTS = ("config_file", "hooks_dir", "privileged_actions", "docker_socket")
+_TEXTS = ("config_file", "hooks_dir", "privileged_actions", "docker_socket", "log_level")
 
 
 class ConfigProblem(ValueError):
@@ -97,6 +99,9 @@ class Config:
         if self.privileged_actions not in ("core", "direct"):
             raise ConfigProblem(f"privileged_actions: {self.privileged_actions!r} is not"
                                 " 'core' or 'direct'")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigProblem(f"log_level: {self.log_level!r} is not debug, info, warning"
+                                " or error")
 
     ignore_zero_size_fs: bool
     flush_caches: bool
@@ -107,6 +112,7 @@ class Config:
     hooks_dir: str
     privileged_actions: str
     docker_socket: str
+    log_level: str
 
 
 def load(settings: Mapping[str, Any], ini_text: Optional[str] = None) -> Config:
