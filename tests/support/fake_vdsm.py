@@ -307,6 +307,8 @@ class FakeVdsm(VdsmReader):
                     data = self.sock.recv(65536)
                 except BlockingIOError:
                     break
+                except ConnectionResetError:
+                    data = b""
                 if not data:
                     return False
                 self.handle_chunk(data)
@@ -702,3 +704,35 @@ class ExtensionProcess:
             self.process.kill()
             self.process.wait(10)
         self._log.close()
+
+
+class FakeAgentClient:
+    """What :mod:`qga.host.ovirt` needs of :class:`qga.host.Client`, served by a
+    :class:`FakeCore`: ``guest-extension-call`` and ``guest-extension-events``
+    (sequence numbers, a cursor that acknowledges, ``wait``)."""
+
+    def __init__(self, core: FakeCore):
+        self.core = core
+        self.calls: List[Tuple[str, Dict[str, Any]]] = []
+
+    def call(self, execute: str, arguments: Dict[str, Any]) -> Any:
+        from qga.errors import AgentError
+
+        self.calls.append((execute, arguments))
+        if execute == "guest-extension-call":
+            reply = self.core.call(arguments["command"], arguments.get("arguments", {}))
+            if "error" in reply:
+                raise AgentError("GenericError", reply["error"]["desc"])
+            return reply["return"]
+        assert execute == "guest-extension-events", execute
+        after = int(arguments.get("cursor", "0"))
+        deadline = time.monotonic() + float(arguments.get("wait", 0))
+        while True:
+            events = [dict(seq=seq, name=frame["name"], data=frame["data"], time=0.0)
+                      for seq, frame in enumerate(self.core.of_type("event"), 1)
+                      if seq > after][:arguments.get("max", 100)]
+            if events or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        cursor = events[-1]["seq"] if events else after
+        return {"events": events, "cursor": str(cursor), "dropped": 0}
