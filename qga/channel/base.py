@@ -159,6 +159,22 @@ class ListeningChannel(Channel):
     def _listen(self) -> socket.socket:
         raise NotImplementedError
 
+    def _bind_and_listen(self, sock: socket.socket, address, bind_failed: str) -> socket.socket:
+        """Bind and listen with qemu's error texts; the socket is closed on failure."""
+        try:
+            try:
+                sock.bind(address)
+            except OSError as error:
+                raise ChannelError(f"{bind_failed}: {os.strerror(error.errno)}") from None
+            try:
+                sock.listen(self.BACKLOG)
+            except OSError as error:
+                raise ChannelError(f"Failed to listen on socket: {os.strerror(error.errno)}") from None
+        except ChannelError:
+            sock.close()
+            raise
+        return sock
+
     @property
     def connected(self) -> bool:
         return self._client is not None

@@ -39,16 +39,4 @@ class UnixListenChannel(ListeningChannel):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as error:
             raise ChannelError(f"Failed to create Unix socket: {os.strerror(error.errno)}") from None
-        try:
-            try:
-                sock.bind(path)
-            except OSError as error:
-                raise ChannelError(f"Failed to bind socket to {path}: {os.strerror(error.errno)}") from None
-            try:
-                sock.listen(self.BACKLOG)
-            except OSError as error:
-                raise ChannelError(f"Failed to listen on socket: {os.strerror(error.errno)}") from None
-        except ChannelError:
-            sock.close()
-            raise
-        return sock
+        return self._bind_and_listen(sock, path, f"Failed to bind socket to {path}")

@@ -63,16 +63,4 @@ class VsockListenChannel(ListeningChannel):
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as error:
             raise ChannelError(f"Failed to create socket: {os.strerror(error.errno)}") from None
-        try:
-            try:
-                sock.bind((cid, port))
-            except OSError as error:
-                raise ChannelError(f"Failed to bind socket: {os.strerror(error.errno)}") from None
-            try:
-                sock.listen(self.BACKLOG)
-            except OSError as error:
-                raise ChannelError(f"Failed to listen on socket: {os.strerror(error.errno)}") from None
-        except ChannelError:
-            sock.close()
-            raise
-        return sock
+        return self._bind_and_listen(sock, (cid, port), "Failed to bind socket")
