@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import shlex
-import stat
 import subprocess
 import sys
 import time
