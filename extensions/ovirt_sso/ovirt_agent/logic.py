@@ -54,7 +54,7 @@ LIFECYCLE_EVENTS = ("before_migration", "after_migration", "before_hibernation",
 
 DEFAULT_SHUTDOWN_MESSAGE = "System is going down"
 
-# session-logon waits up to this many seconds for the user to show up in utmp.
+# session-logon waits up to this many ticks (seconds) for the user to show up in utmp.
 LOGON_USER_RETRIES = 5
 
 
@@ -385,7 +385,9 @@ class AgentLogic:
         except Exception:
             nobody = False
         if nobody and retries > 0:
-            self._call_later(1.0, lambda: self.session_logon(retries - 1))
+            # The original slept 1 s between tries: one tick of our loop.
+            self._call_later(self.config.tick_interval,
+                             lambda: self.session_logon(retries - 1))
             return
         self.send_user_info()
         self.send("session-logon")
