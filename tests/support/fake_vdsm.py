@@ -338,6 +338,52 @@ class FakeVdsm(VdsmReader):
         self.disconnect()
 
 
+class PtyVdsm(VdsmReader):
+    """:class:`VdsmReader` on the host end of a pty that stands in for the virtio port.
+
+    The guest side (the agent under test) opens the pty's slave as the port;
+    the test holds the master here, as QEMU holds the host side.  On creation
+    it sends ``refresh`` as VDSM does when it connects.
+    """
+
+    def __init__(self, master_fd: int, api_version: int = 0):
+        super().__init__(api_version, send=self._send_bytes)
+        self.fd = master_fd
+        os.set_blocking(master_fd, False)
+        self.forward("refresh", {"apiVersion": MAX_SUPPORTED_API_VERSION})
+
+    def _send_bytes(self, data: bytes) -> None:
+        while data:
+            try:
+                written = os.write(self.fd, data)
+            except BlockingIOError:
+                time.sleep(0.01)
+                continue
+            data = data[written:]
+
+    def pump(self, timeout: float = 0.0) -> bool:
+        selector = selectors.DefaultSelector()
+        selector.register(self.fd, selectors.EVENT_READ)
+        try:
+            while selector.select(timeout):
+                try:
+                    data = os.read(self.fd, 65536)
+                except BlockingIOError:
+                    break
+                except OSError:          # EIO: the guest side is closed
+                    return False
+                if not data:
+                    return False
+                self.handle_chunk(data)
+                timeout = 0.0
+        finally:
+            selector.close()
+        return True
+
+    pump_until = FakeVdsm.pump_until
+    wait_for = FakeVdsm.wait_for
+
+
 # -- the original agent's message validator ----------------------------------------------
 
 

@@ -79,8 +79,9 @@ class Runner:
         self.extension.on_host(self._on_host)
         self.extension.on_stop(self.stop)
         self.open_channel()
+        # The startup set goes out before any host line is read, as in the original.
+        self._begin()
         self.extension.ready()
-        self.loop.call_soon(self._begin)
 
     def _begin(self) -> None:
         self.logic.start()
