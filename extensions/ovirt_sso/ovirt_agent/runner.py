@@ -86,11 +86,11 @@ class Runner:
     def _begin(self) -> None:
         self.logic.start()
         self._start_session_events()
-        self.actions_start()
+        self._start_sso()
         self._next_tick = self.loop.time()
         self._tick()
 
-    def actions_start(self) -> None:
+    def _start_sso(self) -> None:
         start_sso = getattr(self.actions, "start_sso", None)
         if start_sso is not None:
             try:
