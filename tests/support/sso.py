@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes.util
 import glob
 import os
+import re
 import shutil
 import signal
 import socket
@@ -254,3 +255,62 @@ class FakeServer:
             pass
         os.waitpid(self.pid, 0)
         self._events.close()
+
+
+# -- a private system bus ------------------------------------------------------------
+
+SYSTEM_BUS_CONFIG = Path("/usr/share/dbus-1/system.conf")
+POLICY = REPO / "contrib" / "dbus" / "org.ovirt.vdsm.Credentials.conf"
+EXTENSION_USER = "qga-ext-ovirt_sso"
+
+
+class PrivateSystemBus:
+    """A dbus-daemon with the distribution's system bus policy and ours, on a private socket.
+
+    The system configuration is taken as it is, less what would touch the
+    machine (its user, pid file, socket, syslog, service activation and the
+    machine's other policy files).  ``extension_user`` stands in for
+    ``qga-ext-ovirt_sso`` in our policy, so a test can be that user.
+    """
+
+    def __init__(self, directory: Path, extension_user: Optional[str] = None):
+        require(shutil.which("dbus-daemon") is not None and SYSTEM_BUS_CONFIG.exists(),
+                "dbus-daemon")
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o755)
+        policy = POLICY.read_text()
+        if extension_user is not None:
+            policy = policy.replace(f'user="{EXTENSION_USER}"', f'user="{extension_user}"')
+        (directory / "policy.conf").write_text(policy)
+        config = SYSTEM_BUS_CONFIG.read_text()
+        config = re.sub(r"(?s)<!--.*?-->", "", config)
+        config = re.sub(r"(?m)^\s*<(user|pidfile|listen|servicehelper|includedir)>.*?</\1>\s*$",
+                        "", config)
+        config = re.sub(r"(?m)^\s*<(fork|syslog|standard_system_servicedirs)/>\s*$", "", config)
+        config = re.sub(r"(?s)<include\b[^>]*>.*?</include>", "", config)
+        self.socket_path = directory / "system_bus_socket"
+        config = config.replace(
+            "</busconfig>",
+            f"  <listen>unix:path={self.socket_path}</listen>\n"
+            f"  <include>{directory / 'policy.conf'}</include>\n</busconfig>")
+        (directory / "system.conf").write_text(config)
+        self.process = subprocess.Popen(
+            ["dbus-daemon", f"--config-file={directory / 'system.conf'}", "--nofork",
+             "--nopidfile", "--print-address"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline().strip()
+        if not line:
+            self.stop()
+            raise AssertionError("dbus-daemon did not start: " + self.process.stderr.read())
+        self.address = line
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stdout.close()
+        self.process.stderr.close()
