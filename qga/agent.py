@@ -13,6 +13,9 @@ so the host's next requests wait their turn and replies keep their order,
 while the loop goes on serving timers, children and extensions; once the
 deferred is settled its reply is written and the requests resume.
 
+Installed extensions start with the agent (:mod:`qga.ext.manager`) and are
+stopped, their whole process trees, with the command services.
+
 Shutdown follows qemu-ga: SIGTERM and SIGINT end the loop with status 0,
 except while filesystems are frozen, when they are ignored (a frozen guest
 must not lose its agent, the only way to thaw it).  Every exit path closes
@@ -95,6 +98,16 @@ class Agent:
             # timer now, and ctx.close() lets it thaw what is still frozen.
             from qga.commands.fsfreeze import FreezeService
             self.ctx.service(FreezeService)
+        self._start_extensions(state)
+
+    def _start_extensions(self, state) -> None:
+        """Start the installed extensions (nothing is imported on a guest without any)."""
+        from qga.ext.store import has_store
+
+        if has_store(state.path):
+            from qga.ext.manager import Extensions
+
+            self.ctx.service(Extensions).start()
 
     def _install_signals(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):

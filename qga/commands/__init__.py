@@ -49,6 +49,11 @@ COMMAND_MODULES: Dict[str, Tuple[str, ...]] = {
                               "guest-ssh-add-authorized-keys", "guest-ssh-remove-authorized-keys"),
     "qga.commands.power": ("guest-shutdown", "guest-suspend-disk", "guest-suspend-ram",
                            "guest-suspend-hybrid"),
+    "qga.commands.extensions": ("guest-extension-upload", "guest-extension-install",
+                                "guest-extension-remove", "guest-extension-list",
+                                "guest-extension-status", "guest-extension-start",
+                                "guest-extension-stop", "guest-extension-call",
+                                "guest-extension-events"),
 }
 
 Handler = Callable[..., Any]

@@ -199,16 +199,16 @@ class Store:
             if name in (INDEX_FILE, STAGING_DIR):
                 continue
             if name.startswith(INDEX_FILE + "."):
-                _remove(path)  # a temporary file of an interrupted index write
+                remove_path(path)  # a temporary file of an interrupted index write
                 continue
             entry = self._entries.get(name)
             if entry is None or not entry.installed:
-                _remove(path)
+                remove_path(path)
                 continue
             versions = os.path.join(path, VERSIONS_DIR)
             for version_id in _listdir(versions):
                 if version_id not in entry.versions():
-                    _remove(os.path.join(versions, version_id))
+                    remove_path(os.path.join(versions, version_id))
         for name, entry in list(self._entries.items()):
             if not entry.installed and entry.counter is None and entry.install is None:
                 del self._entries[name]
@@ -286,7 +286,7 @@ class Store:
         self._commit_entry(Entry(name, entry.current, entry.previous, entry.counter,
                                  entry.enabled, install))
         if drop is not None and drop not in (entry.current, entry.previous):
-            _remove(self.version_dir(name, drop))
+            remove_path(self.version_dir(name, drop))
 
     def roll_back(self, name: str, error: str) -> Entry:
         """Journal step 2, failed: the version before is current again, the new one goes."""
@@ -304,8 +304,10 @@ class Store:
                                         "counter": install.get("counter"), "error": error,
                                         "time": int(time.time())})
         self._entries[entry.name] = updated
-        if failed is not None and failed not in updated.versions():
-            _remove(self.version_dir(entry.name, failed))
+        if not updated.installed:  # a first install: nothing of it stays
+            remove_path(os.path.join(self.root, entry.name))
+        elif failed is not None and failed not in updated.versions():
+            remove_path(self.version_dir(entry.name, failed))
         return updated
 
     def record_failure(self, name: str, version: str, error: str) -> None:
@@ -319,7 +321,7 @@ class Store:
         """Remove a version directory the index does not name (an extraction not switched to)."""
         entry = self._entries.get(name)
         if entry is None or version_id not in entry.versions():
-            _remove(self.version_dir(name, version_id))
+            remove_path(self.version_dir(name, version_id))
 
     # -- enabling and removing -------------------------------------------------------------
 
@@ -337,7 +339,7 @@ class Store:
             self._write()
         else:
             self._commit_entry(Entry(name, counter=entry.counter))
-        _remove(os.path.join(self.root, name))
+        remove_path(os.path.join(self.root, name))
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -387,7 +389,7 @@ def _listdir(path: str) -> List[str]:
         return []
 
 
-def _remove(path: str) -> None:
+def remove_path(path: str) -> None:
     """Remove a file or a whole tree without following links; log what cannot go."""
     from qga.ext.bundle import remove_tree_at
 

@@ -23,6 +23,7 @@ afresh.
 the process has one chance.  ``callback(None)`` once it says ready within
 the manifest's ``ready-timeout``; ``callback("why")`` when it exits or stays
 silent first, and then it is *not* restarted (the installer rolls back).
+The callback runs from the loop, after the supervisor's state has settled.
 
 **Frozen filesystems.**  Starting a process may create a user (writes to
 ``/etc``) and the extension itself may write: while the guest is frozen a
@@ -134,7 +135,18 @@ class Supervisor:
         self._set_state(RUNNING)
         health, self._health = self._health, None
         if health is not None:
-            health(None)
+            self.loop.call_later(0, lambda: health(None))
+
+    def fail(self, reason: str) -> None:
+        """The extension misbehaved (broke the protocol): kill it now; a failure like a crash."""
+        if self.state not in (STARTING, RUNNING):
+            return
+        self._cancel_timer()
+        self.last_error = reason
+        self._restart_after_exit = not self._fail_health(reason)
+        self._set_state(STOPPING)
+        self.process.kill()
+        self._timer = self.loop.call_later(self.grace, self._kill)
 
     def close(self) -> None:
         """At agent exit: SIGTERM, a short wait, SIGKILL; synchronous."""
@@ -273,11 +285,14 @@ class Supervisor:
         self._timer = self.loop.call_later(delay, self._spawn)
 
     def _fail_health(self, message: str) -> bool:
-        """Report a failed health check; True if there was one (then: no restart)."""
+        """Report a failed health check; True if there was one (then: no restart).
+
+        The callback runs from the loop, once this supervisor's state is settled.
+        """
         health, self._health = self._health, None
         if health is None:
             return False
-        health(message)
+        self.loop.call_later(0, lambda: health(message))
         return True
 
     def _forget_process(self) -> None:

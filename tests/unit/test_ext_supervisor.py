@@ -204,7 +204,9 @@ def test_a_health_check_gets_one_chance(rig_factory):
     good = rig_factory(SLEEPER)
     good.supervisor.start(health=good.health.append)
     good.supervisor.ready()
-    assert good.health == [None] and good.supervisor.state == RUNNING
+    assert good.supervisor.state == RUNNING
+    assert good.health == []  # reported from the loop, not from inside ready()
+    assert good.run_until(lambda: good.health) and good.health == [None]
 
 
 TREE = """
@@ -262,7 +264,8 @@ def test_a_program_that_cannot_start_is_a_failure(rig_factory, workdir):
 
     rig.supervisor.prepare = broken
     rig.supervisor.start(health=rig.health.append)
-    assert rig.health and "cannot start extension t-sup" in rig.health[0]
+    assert rig.run_until(lambda: rig.health)
+    assert "cannot start extension t-sup" in rig.health[0]
     assert rig.supervisor.state == FAILED
 
 

@@ -90,7 +90,8 @@ def test_every_definition_and_member_is_documented(document):
 
 
 def test_linux_registers_everything_but_guest_get_devices(schema):
-    assert schema.command_names() == [name for name in UPSTREAM_COMMANDS if name != "guest-get-devices"]
+    upstream = [name for name in schema.command_names() if not name.startswith("guest-extension-")]
+    assert upstream == [name for name in UPSTREAM_COMMANDS if name != "guest-get-devices"]
     assert schema.inactive_command_names() == ["guest-get-devices"]
     assert schema.command("guest-get-devices") is None
 

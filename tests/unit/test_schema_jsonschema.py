@@ -51,6 +51,8 @@ def _valid(type_ref, depth):
         return st.booleans()
     if type_ref == "number":
         return st.one_of(st.floats(allow_nan=False), st.integers())
+    if type_ref == "any":
+        return JUNK  # every JSON value is valid
     kind = SCHEMA.kind(type_ref)
     if kind == "enum":
         return st.sampled_from(SCHEMA.enum_values(type_ref))
