@@ -31,7 +31,9 @@ import json
 import os
 import socket
 import time
-from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Mapping, Optional, Union
+from typing import (
+    Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Union,
+)
 
 from qga.errors import AgentError, BadReply, ClientError, ConnectionLost, ReplyTimeout, SyncError
 
@@ -478,6 +480,139 @@ class Client:
                 raise ReplyTimeout(f"guest process {pid} still running after {timeout} s")
             time.sleep(delay)
             delay = min(delay * 2, max_poll)
+
+
+    # -- extensions (qga only) ---------------------------------------------------
+
+    def push(self, bundle: Union[str, "os.PathLike[str]"], statement: Optional[bytes] = None,
+             signature: Optional[bytes] = None, wait: bool = True,
+             progress: Optional[Callable[[int, int], None]] = None,
+             chunk_size: int = FILE_CHUNK, install_timeout: float = 120.0) -> Dict[str, Any]:
+        """Upload a bundle and install it; return the install's record.
+
+        ``statement`` and ``signature`` default to the files beside the bundle
+        (``BUNDLE.statement``, ``BUNDLE.sig``) when they exist.  The upload
+        goes in chunks; a chunk whose answer is lost (timeout, reconnect) is
+        resumed from the offset the agent reports.  ``progress(sent, total)``
+        is called after each chunk.  With ``wait`` the call returns when the
+        new version said it is ready or the agent rolled back: the record's
+        ``state`` is then ``done``, ``rolled-back`` or ``failed`` (with
+        ``error``); without, it is ``installing``.
+        """
+        path = os.fspath(bundle)
+        if statement is None:
+            statement = _read_if_exists(path + ".statement")
+        if signature is None:
+            signature = _read_if_exists(path + ".sig")
+        with open(path, "rb") as source:
+            total = os.fstat(source.fileno()).st_size
+            upload = self.call("guest-extension-upload", {"size": total})["upload"]
+            self._upload_chunks(source, upload, total, progress, chunk_size)
+        arguments: Dict[str, Any] = {"upload": upload}
+        if statement is not None:
+            arguments["statement"] = base64.b64encode(statement).decode("ascii")
+        if signature is not None:
+            arguments["signature"] = base64.b64encode(signature).decode("ascii")
+        record = self.call("guest-extension-install", arguments)
+        if not wait:
+            return record
+        return self.wait_install(record["name"], install_timeout)
+
+    def _upload_chunks(self, source: BinaryIO, upload: str, total: int,
+                       progress: Optional[Callable[[int, int], None]], chunk_size: int) -> None:
+        offset = 0
+        retries = 0
+        while offset < total:
+            source.seek(offset)
+            chunk = _read_full(source, min(chunk_size, total - offset))
+            try:
+                reply = self.call("guest-extension-upload", {
+                    "upload": upload, "offset": offset,
+                    "data": base64.b64encode(chunk).decode("ascii")})
+            except (ReplyTimeout, ConnectionLost):
+                retries += 1
+                if retries > 3:
+                    raise
+                # The chunk may or may not have arrived: ask where the upload stands.
+                reply = self.call("guest-extension-upload", {"upload": upload})
+            else:
+                retries = 0
+            offset = reply["offset"]
+            if progress is not None:
+                progress(offset, total)
+
+    def wait_install(self, name: str, timeout: Optional[float] = 120.0,
+                     first_poll: float = 0.01, max_poll: float = 0.5) -> Dict[str, Any]:
+        """Poll ``guest-extension-status`` until the install of ``name`` is no longer running."""
+        deadline = _deadline(timeout)
+        delay = first_poll
+        while True:
+            install = self.call("guest-extension-status", {"name": name}).get("install", {})
+            if install.get("state") != "installing":
+                return dict(install, name=name)
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise ReplyTimeout(f"the install of {name} is still running after {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 2, max_poll)
+
+    def ext_list(self) -> List[Dict[str, Any]]:
+        return self.call("guest-extension-list")
+
+    def ext_status(self, name: str) -> Dict[str, Any]:
+        return self.call("guest-extension-status", {"name": name})
+
+    def ext_start(self, name: str) -> None:
+        self.call("guest-extension-start", {"name": name})
+
+    def ext_stop(self, name: str) -> None:
+        self.call("guest-extension-stop", {"name": name})
+
+    def ext_remove(self, name: str) -> None:
+        self.call("guest-extension-remove", {"name": name})
+
+    def ext_call(self, name: str, command: str, arguments: Optional[Mapping[str, Any]] = None,
+                 timeout: Optional[float] = None) -> Any:
+        """One request to an extension; ``timeout`` is the agent's wait for it."""
+        request: Dict[str, Any] = {"name": name, "command": command,
+                                   "arguments": dict(arguments or {})}
+        if timeout is not None:
+            request["timeout"] = timeout
+        # The agent answers within the extension's timeout: wait a little longer.
+        reply_timeout = self.timeout
+        if reply_timeout is not None:
+            reply_timeout = max(reply_timeout, (timeout or 0) + 5.0)
+        return self.call("guest-extension-call", request, timeout=reply_timeout)
+
+    def ext_events(self, name: str, cursor: Optional[str] = None, maximum: Optional[int] = None,
+                   wait: Optional[float] = None) -> Dict[str, Any]:
+        """One read of an extension's events (see ``guest-extension-events``)."""
+        request: Dict[str, Any] = {"name": name}
+        if cursor is not None:
+            request["cursor"] = cursor
+        if maximum is not None:
+            request["max"] = maximum
+        reply_timeout: Any = USE_DEFAULT
+        if wait:
+            request["wait"] = wait
+            if self.timeout is not None:
+                reply_timeout = max(self.timeout, wait + 5.0)
+        return self.call("guest-extension-events", request, timeout=reply_timeout)
+
+    def follow_events(self, name: str, cursor: Optional[str] = None,
+                      wait: float = 5.0) -> Iterator[Dict[str, Any]]:
+        """Yield an extension's events as they come, forever (each one at least once)."""
+        while True:
+            batch = self.ext_events(name, cursor, wait=wait)
+            cursor = batch["cursor"]
+            yield from batch["events"]
+
+
+def _read_if_exists(path: str) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(1024 * 1024)
+    except FileNotFoundError:
+        return None
 
 
 def _encode(request: Mapping[str, Any]) -> bytes:
