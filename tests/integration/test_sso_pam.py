@@ -9,19 +9,17 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import re
 import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from qga.ext.credentials import CredentialsServer, DEFAULT_SOCKET_PATH
 from qga.loop import Loop
-from tests.support.sso import (FakeServer, PamStack, pam_modules,
-                               require, require_pam_tools, run_pamtester)
+from tests.support.sso import (FakeServer, PamStack, account_with_password, contrib_stack,
+                               pam_modules, require, require_pam_tools, run_pamtester)
 
 ROOT = os.geteuid() == 0
 # pam_strerror texts pamtester prints for the codes the module returns.
@@ -369,49 +367,10 @@ def test_valgrind_finds_no_leak_and_no_invalid_access(loop, modules, server, sho
 
 # -- the service files of contrib/pam.d, with pam_unix and a real account --------------
 
-CONTRIB = Path(__file__).resolve().parents[2] / "contrib" / "pam.d"
-
-# What authselect's minimal profile puts in Fedora's password-auth and postlogin,
-# enough for the auth phase.
-FEDORA_PASSWORD_AUTH = """\
-auth        required      pam_env.so
-auth        sufficient    pam_unix.so nullok try_first_pass
-auth        required      pam_deny.so
-account     required      pam_unix.so
-password    sufficient    pam_unix.so yescrypt shadow nullok use_authtok
-password    required      pam_deny.so
-session     required      pam_unix.so
-"""
-FEDORA_POSTLOGIN = "session optional pam_lastlog.so silent noupdate showfailed\n"
-
-
 @pytest.fixture
 def account():
-    from tests.support.users import create_user, delete_user
-    user = create_user()
-    password = "Sso-" + user.name
-    subprocess.run(["chpasswd"], input=f"{user.name}:{password}\n", text=True, check=True,
-                   capture_output=True)
-    yield user.name, password
-    delete_user(user)
-
-
-def contrib_stack(directory, modules, socket_path, flavour):
-    if flavour == "debian":
-        text = (CONTRIB / "gdm-ovirtcred.debian").read_text()
-        files = {name: Path("/etc/pam.d", name).read_text()
-                 for name in ("common-account", "common-session", "common-password")
-                 if Path("/etc/pam.d", name).exists()}
-    else:
-        text = (CONTRIB / "gdm-ovirtcred").read_text()
-        files = {"password-auth": FEDORA_PASSWORD_AUTH, "postlogin": FEDORA_POSTLOGIN}
-        # pam_wrapper moves the service, not what it includes: name those by path.
-        for name in files:
-            text = re.sub(rf"(?m)(\s){name}$", rf"\g<1>{directory}/services/{name}", text)
-    text, count = re.subn(r"(?m)^(auth\s+requisite\s+)pam_ovirt_cred\.so$", r"\1{module}", text)
-    assert count == 1
-    return PamStack(directory, modules.production, f"socket={socket_path}",
-                    service_text=text, files=files)
+    with account_with_password() as name_and_password:
+        yield name_and_password
 
 
 @pytest.mark.skipif(not ROOT, reason="needs a real account (useradd) and the root module")
@@ -419,7 +378,7 @@ def contrib_stack(directory, modules, socket_path, flavour):
 def test_the_service_file_checks_the_real_password(loop, server, modules, short_tmp, account,
                                                     flavour):
     name, password = account
-    stack = contrib_stack(short_tmp / "pam", modules, server.socket_path, flavour)
+    stack = contrib_stack(short_tmp / "pam", modules.production, server.socket_path, flavour)
     token = server.offer(name, password)
     result = run_pamtester(stack, token, loop=loop)
     assert result.succeeded, result.output

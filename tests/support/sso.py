@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import glob
 import os
@@ -28,7 +29,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import pytest
 
@@ -255,6 +256,58 @@ class FakeServer:
             pass
         os.waitpid(self.pid, 0)
         self._events.close()
+
+
+# -- the service files of contrib/pam.d --------------------------------------------------
+
+CONTRIB_PAM = REPO / "contrib" / "pam.d"
+
+# What authselect's minimal profile puts in Fedora's password-auth and postlogin,
+# enough for the auth phase.
+FEDORA_PASSWORD_AUTH = """\
+auth        required      pam_env.so
+auth        sufficient    pam_unix.so nullok try_first_pass
+auth        required      pam_deny.so
+account     required      pam_unix.so
+password    sufficient    pam_unix.so yescrypt shadow nullok use_authtok
+password    required      pam_deny.so
+session     required      pam_unix.so
+"""
+FEDORA_POSTLOGIN = "session optional pam_lastlog.so silent noupdate showfailed\n"
+
+
+def contrib_stack(directory: Path, module: str, socket_path: str, flavour: str) -> PamStack:
+    """contrib/pam.d's service file for ``flavour`` (debian or fedora), with ``module``
+    for pam_ovirt_cred.so.  Debian's includes are the machine's own common-*;
+    Fedora's password-auth and postlogin are authselect's minimal ones."""
+    if flavour == "debian":
+        text = (CONTRIB_PAM / "gdm-ovirtcred.debian").read_text()
+        files = {name: Path("/etc/pam.d", name).read_text()
+                 for name in ("common-account", "common-session", "common-password")
+                 if Path("/etc/pam.d", name).exists()}
+    else:
+        text = (CONTRIB_PAM / "gdm-ovirtcred").read_text()
+        files = {"password-auth": FEDORA_PASSWORD_AUTH, "postlogin": FEDORA_POSTLOGIN}
+        # pam_wrapper moves the service, not what it includes: name those by path.
+        for name in files:
+            text = re.sub(rf"(?m)(\s){name}$", rf"\g<1>{directory}/services/{name}", text)
+    text, count = re.subn(r"(?m)^(auth\s+requisite\s+)pam_ovirt_cred\.so$", r"\1{module}", text)
+    assert count == 1
+    return PamStack(directory, module, f"socket={socket_path}", service_text=text, files=files)
+
+
+@contextlib.contextmanager
+def account_with_password() -> Iterator[Tuple[str, str]]:
+    """A throwaway local user (root only) and its password, for pam_unix."""
+    from tests.support.users import create_user, delete_user
+    user = create_user()
+    try:
+        password = "Sso-" + user.name
+        subprocess.run(["chpasswd"], input=f"{user.name}:{password}\n", text=True,
+                       check=True, capture_output=True)
+        yield user.name, password
+    finally:
+        delete_user(user)
 
 
 # -- a private system bus ------------------------------------------------------------
