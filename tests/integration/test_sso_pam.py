@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -18,8 +20,9 @@ import pytest
 
 from qga.ext.credentials import CredentialsServer, DEFAULT_SOCKET_PATH
 from qga.loop import Loop
-from tests.support.sso import (FakeServer, PamStack, account_with_password, contrib_stack,
-                               pam_modules, require, require_pam_tools, run_pamtester)
+from tests.support.sso import (NATIVE, FakeServer, PamStack, account_with_password,
+                               contrib_stack, pam_modules, require, require_pam_tools,
+                               run_pamtester, system_pam_module)
 
 ROOT = os.geteuid() == 0
 # pam_strerror texts pamtester prints for the codes the module returns.
@@ -389,3 +392,34 @@ def test_the_service_file_checks_the_real_password(loop, server, modules, short_
     assert not result.succeeded
     assert "Authentication failure" in result.output
     assert result.output.count("Token?") == 1 and "Password" not in result.output
+
+
+# -- make install --------------------------------------------------------------------------
+
+
+def make_install(destdir, *variables):
+    require(shutil.which("make") is not None and shutil.which("cc") is not None, "make and cc")
+    subprocess.run(["make", "-s", "-C", str(NATIVE), f"BUILDDIR={destdir}/build", "install",
+                    f"DESTDIR={destdir}", *variables], check=True, capture_output=True,
+                   timeout=120)
+
+
+def test_make_install_puts_the_module_where_the_distribution_keeps_pam_modules(short_tmp):
+    make_install(short_tmp)
+    pam_dir = os.path.dirname(system_pam_module("pam_exec.so"))
+    module = short_tmp / pam_dir.lstrip("/") / "pam_ovirt_cred.so"
+    assert module.is_file() and stat.S_IMODE(module.stat().st_mode) == 0o644
+    flavour = ".debian" if os.path.exists("/etc/debian_version") else ""
+    assert (short_tmp / "etc/pam.d/gdm-ovirtcred").read_text() == \
+        (NATIVE.parent / "contrib/pam.d" / f"gdm-ovirtcred{flavour}").read_text()
+    assert (short_tmp / "usr/share/dbus-1/system.d/org.ovirt.vdsm.Credentials.conf").is_file()
+
+
+def test_make_install_for_fedora_keeps_an_admins_service_file(short_tmp):
+    service = short_tmp / "etc/pam.d/gdm-ovirtcred"
+    make_install(short_tmp, "LAYOUT=fedora", "PAMDIR=/usr/lib64/security")
+    assert (short_tmp / "usr/lib64/security/pam_ovirt_cred.so").is_file()
+    assert "password-auth" in service.read_text()
+    service.write_text("# the admin's own\n")
+    make_install(short_tmp, "LAYOUT=fedora", "PAMDIR=/usr/lib64/security")
+    assert service.read_text() == "# the admin's own\n"
