@@ -226,6 +226,8 @@ def test_vdsm_sees_the_session_state(bus_address, tmp_path):
         fake.removed("5")
         vdsm.wait_for("session-logoff")
         assert vdsm.guest_info["session"] == "LoggedOff"
+        # ... followed by whoever is still logged in.
+        assert vdsm.pump_until(lambda: vdsm.names()[-1] != "session-logoff", 5)
         names = vdsm.names()
         assert names[names.index("session-logoff") + 1] == "active-user"
     finally:

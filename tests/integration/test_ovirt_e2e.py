@@ -1,0 +1,133 @@
+"""The oVirt extension pushed to our agent, VDSM reading the relayed port: end to end.
+
+The bundle is built and signed by ``extensions/ovirt_sso/build.py`` with a
+throwaway key the agent trusts, pushed with ``qga.host.Client.push`` over the
+agent's own channel, installed, started (as its own system user when the
+tests run as root) and given the ``ovirt-guest-agent.0`` port: a pty whose
+slave stands in for the virtio port in the agent's ports directory, its
+master held by a fake VDSM.  Then: the startup set, negotiation to 3, the v3
+burst, heartbeats, a command, the envelope relay through the agent, and
+guest-ping answering throughout.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tty
+from pathlib import Path
+
+import pytest
+
+from qga.host.client import Client
+from tests.support.agents import our_agent
+from tests.support.ext_hello import agent_config, bundle_tool
+from tests.support.fake_vdsm import PtyVdsm, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD = ROOT / "extensions" / "ovirt_sso" / "build.py"
+NAME = "ovirt-guest-agent"
+STARTUP_V0 = ["session-startup", "host-name", "os-version", "network-interfaces",
+              "active-user", "applications", "fqdn"]
+BURST_V3 = ["session-startup", "active-user", "applications", "containers", "host-name",
+            "os-version", "network-interfaces", "disks-usage", "fqdn", "timezone", "os-info"]
+
+
+@pytest.fixture
+def workdir():
+    directory = Path(tempfile.mkdtemp(prefix="qga-ovirt-"))
+    os.chmod(directory, 0o755)     # the extension's user must reach its code below it
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+    if os.geteuid() == 0:
+        from qga.ext.launch import user_name
+        subprocess.run(["userdel", user_name(NAME)], capture_output=True)
+
+
+def signed_bundle(workdir: Path) -> Path:
+    bundle_tool("keygen", workdir / "vendor", "--names", NAME)
+    trust = workdir / "trust.d"
+    trust.mkdir(mode=0o755)
+    shutil.move(str(workdir / "vendor.json"), trust / "vendor.json")
+    os.chmod(trust / "vendor.json", 0o644)
+    output = workdir / f"{NAME}.qgb"
+    subprocess.run([sys.executable, BUILD, "--key", workdir / "vendor.key", "--counter", "3",
+                    "-o", output], check=True, capture_output=True, timeout=120,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return output
+
+
+def port(workdir: Path) -> int:
+    """A pty in the ports directory as ovirt-guest-agent.0; its master (the host end)."""
+    master, slave = pty.openpty()
+    tty.setraw(slave)              # the settings stay with the pty
+    (workdir / "ports").mkdir(exist_ok=True)
+    os.symlink(os.ttyname(slave), workdir / "ports" / "ovirt-guest-agent.0")
+    os.close(slave)
+    return master
+
+
+def test_push_negotiate_heartbeat_and_relay(workdir):
+    bundle = signed_bundle(workdir)
+    master = port(workdir)
+    env = agent_config(workdir, workdir / "trust.d")
+    agent = our_agent(workdir, ["-v"], env=env).start()
+    client = Client(agent.sock, timeout=60)
+    try:
+        client.push(str(bundle))
+        vdsm = PtyVdsm(master)
+        vdsm.wait_for("fqdn", timeout=30)
+        assert vdsm.names()[:len(STARTUP_V0)] == STARTUP_V0   # held by the port until read
+        vdsm.wait_for("os-info", timeout=30)       # heartbeat 0, then 3, api-version, burst
+        assert vdsm.effective_api_version == 3
+        assert [beat["apiVersion"] for beat in vdsm.of("heartbeat")][:2] == [0, 3]
+        names = vdsm.names()
+        start = len(names) - 1 - names[::-1].index("session-startup")
+        assert names[start:start + len(BURST_V3)] == BURST_V3
+        assert client.call("guest-ping") == {}
+        vdsm.forward("echo", {"over": "the real relay"})
+        assert vdsm.wait_for("echo") == [{"over": "the real relay"}]
+        count = len(vdsm.of("heartbeat"))
+        vdsm.wait_for("heartbeat", count + 1, timeout=15)
+        for _, name, args in vdsm.messages:
+            assert validate(name, args) == [], (name, args)
+        assert not vdsm.exceptions and vdsm.too_big == 0
+
+        # The same protocol through the envelope commands (qga.host.ovirt's way).
+        assert client.ext_call(NAME, "ovirt-relay-open", {"lease": 30})["event"] == \
+            "ovirt-message"
+        deadline = time.monotonic() + 20
+        lines = []
+        cursor = None
+        while time.monotonic() < deadline and not any('"heartbeat"' in line for line in lines):
+            batch = client.ext_events(NAME, cursor, wait=2)
+            cursor = batch["cursor"]
+            lines += [event["data"]["line"] for event in batch["events"]]
+        assert any('"heartbeat"' in line for line in lines), lines
+        client.ext_call(NAME, "ovirt-relay-close", {})
+        status = client.ext_status(NAME)
+        assert status["state"] == "running", status
+        if os.geteuid() == 0:              # unprivileged, as its own user
+            uid = next(int(line.split()[1]) for line in
+                       Path(f"/proc/{status['pid']}/status").read_text().splitlines()
+                       if line.startswith("Uid:"))
+            assert uid != 0
+
+        # A privileged action becomes a primitive the core answers (refuses, until the
+        # core serves the power and sessions primitives); the extension goes on.
+        vdsm.forward("lock-screen")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "lock-sessions: the core" not in agent.stderr():
+            time.sleep(0.1)
+        assert "lock-sessions: the core" in agent.stderr()
+        count = len(vdsm.of("heartbeat"))
+        vdsm.wait_for("heartbeat", count + 1, timeout=15)
+    finally:
+        client.close()
+        agent.stop()
+        os.close(master)
