@@ -528,7 +528,10 @@ class FakeCore:
         return {"QGA_EXT_NAME": name, "QGA_EXT_SOCKET": self.socket_path,
                 "QGA_EXT_DIR": bundle_dir, "QGA_EXT_STATE": os.path.join(self.directory, "state"),
                 "QGA_EXT_SETTINGS": settings_path,
-                "QGA_EXT_RUNTIME": os.path.join(self.directory, "run")}
+                "QGA_EXT_RUNTIME": os.path.join(self.directory, "run"),
+                # Never the machine's system bus (single sign-on would own a name there).
+                "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=" + os.path.join(self.directory,
+                                                                       "no-system-bus")}
 
     # -- the thread --
 
