@@ -118,7 +118,7 @@ def test_network_interfaces_of_this_machine():
     interfaces = source.network_interfaces()
     assert "lo" not in [item["name"] for item in interfaces]
     assert validate("network-interfaces", {"interfaces": interfaces}) == []
-    import psutil
+    psutil = pytest.importorskip("psutil")
     addresses = psutil.net_if_addrs()
     for item in interfaces:
         expected = [entry.address for entry in addresses.get(item["name"], [])
