@@ -70,7 +70,8 @@ class Runtime:
         from qga.ext.proxy import Proxy
 
         self.proxy = Proxy(name, loop, manifest, self.socket_path, self.supervisor.owns,
-                           self.supervisor.ready, self.supervisor.fail, self.events, self.relay)
+                           self.supervisor.ready, self.supervisor.fail, self.events, self.relay,
+                           self._primitive)
 
     @property
     def version(self) -> str:
@@ -154,6 +155,12 @@ class Runtime:
     def _on_change(self, supervisor: Supervisor) -> None:
         if supervisor.state not in (STARTING, RUNNING):
             self.proxy.drop_connections(f"extension {self.name} is {supervisor.state}")
+
+    def _primitive(self, primitive: Any, arguments: Any) -> Any:
+        from qga.ext.primitives import perform
+
+        return perform(self.manager.ctx, self.name, self.manifest.capabilities, primitive,
+                       arguments)
 
     def _on_host(self, connected: bool) -> None:
         self.proxy.send_host(connected)

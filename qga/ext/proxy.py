@@ -25,9 +25,9 @@ What the control connection carries (see :mod:`qga.ext.wire`):
   its ``return`` must follow the command's ``reply`` schema; an ``error``
   becomes the host's error text;
 * ``log`` goes to the agent's log, tagged and rate limited;
-* ``primitive`` is answered with an error: this core offers no privileged
-  primitives yet (the ``root-socket`` capability is accepted in manifests
-  but not served).
+* ``primitive`` is performed by ``primitive(name, arguments)`` (the core's
+  :mod:`qga.ext.primitives`, which checks the manifest's capabilities) and
+  answered with a ``primitive-reply`` of its value or its error text.
 
 Writes towards the extension are buffered without blocking, up to
 :data:`MAX_OUTPUT` bytes; an extension that stops reading its requests gets
@@ -45,7 +45,7 @@ import struct
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from qga.errors import CommandError, ExtensionRunError, ParameterError
+from qga.errors import CommandError, ExtensionError, ExtensionRunError, ParameterError
 from qga.ext import wire
 from qga.loop import READ, WRITE
 
@@ -196,12 +196,14 @@ class Proxy:
     ``owns(pid, uid)`` says whether a peer is the extension, ``on_ready()``
     and ``on_violation(reason)`` report to the supervisor, ``events`` is its
     :class:`~qga.ext.events.EventQueue`, ``relay`` its port relay (channel
-    mode) or None.
+    mode) or None, ``primitive(name, arguments)`` performs a primitive (or
+    raises; None: every primitive is refused).
     """
 
     def __init__(self, name: str, loop, manifest, socket_path: str,
                  owns: Callable[[int, int], bool], on_ready: Callable[[], None],
-                 on_violation: Callable[[str], None], events, relay=None):
+                 on_violation: Callable[[str], None], events, relay=None,
+                 primitive: Optional[Callable[[Any, Any], Any]] = None):
         self.name = name
         self.loop = loop
         self.manifest = manifest
@@ -211,6 +213,7 @@ class Proxy:
         self.on_violation = on_violation
         self.events = events
         self.relay = relay
+        self.primitive = primitive
         self.rejected = 0
         self._listener: Optional[socket.socket] = None
         self._greeting: Dict[int, Tuple[Stream, bytearray, Any]] = {}
@@ -385,12 +388,31 @@ class Proxy:
         elif kind == "log":
             self._on_log(frame)
         elif kind == "primitive":
-            self._send({"type": "primitive-reply", "id": frame.get("id"),
-                        "error": {"desc": f"the core offers no primitive"
-                                          f" {str(frame.get('name'))[:64]!r}"}})
+            self._on_primitive(frame)
         else:
             self._throttled_log(logging.WARNING, f"a frame of unknown type {str(kind)[:64]!r}"
                                                  " ignored")
+
+    def _on_primitive(self, frame: Dict[str, Any]) -> None:
+        reply: Dict[str, Any] = {"type": "primitive-reply", "id": frame.get("id")}
+        name = frame.get("name")
+        try:
+            if self.primitive is None:
+                raise CommandError(f"the core offers no primitive {str(name)[:64]!r}")
+            reply["return"] = self.primitive(name, frame.get("arguments"))
+        except CommandError as error:
+            reply["error"] = {"desc": error.desc[:MAX_ERROR_TEXT]}
+        except ExtensionError as error:
+            reply["error"] = {"desc": str(error)[:MAX_ERROR_TEXT]}
+        except Exception as error:  # a bug in a primitive must not take the agent down
+            log.exception("extension %s: primitive %s failed", self.name, str(name)[:64])
+            reply["error"] = {"desc": f"internal error in primitive {str(name)[:64]}:"
+                                      f" {type(error).__name__}"}
+        try:
+            self._send(reply)
+        except wire.FrameError:
+            self._send({"type": "primitive-reply", "id": frame.get("id"),
+                        "error": {"desc": "the primitive's answer is over the frame limit"}})
 
     def send_host(self, connected: bool) -> None:
         """Channel mode: tell the extension the port's host came or went."""

@@ -257,6 +257,33 @@ def test_logs_and_primitives(rig, caplog):
     assert reply["type"] == "primitive-reply" and reply["id"] == 7 and "error" in reply
 
 
+def test_primitives_are_performed_and_their_errors_passed_on(rig):
+    asked = []
+
+    def primitive(name, arguments):
+        asked.append((name, arguments))
+        if name == "drop-caches":
+            return {}
+        if name == "boom":
+            raise KeyError("bug")
+        raise CommandError(f"primitive '{name}' needs the 'power' capability")
+
+    rig.proxy.primitive = primitive
+    control = rig.connect()
+    send(control, {"type": "primitive", "id": 1, "name": "drop-caches", "arguments": {}},
+         {"type": "primitive", "id": 2, "name": "shutdown"},
+         {"type": "primitive", "id": 3, "name": "boom", "arguments": {}})
+    replies = []
+    while len(replies) < 3:
+        rig.spin()
+        replies += receive(control)
+    assert replies[0] == {"type": "primitive-reply", "id": 1, "return": {}}
+    assert replies[1] == {"type": "primitive-reply", "id": 2, "error": {
+        "desc": "primitive 'shutdown' needs the 'power' capability"}}
+    assert replies[2]["error"]["desc"] == "internal error in primitive boom: KeyError"
+    assert asked[1] == ("shutdown", None) and rig.proxy.connected
+
+
 def test_line_splitter_caps_lines():
     splitter = LineSplitter(8)
     assert list(splitter.feed(b"abc\nde")) == [b"abc"]
