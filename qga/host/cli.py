@@ -9,11 +9,23 @@
     qga-client exec [--no-capture] [--env K=V]... [--input FILE] PROG [ARGS...]
     qga-client get GUEST_PATH LOCAL_PATH
     qga-client put LOCAL_PATH GUEST_PATH
+    qga-client push [--statement F] [--signature F] [--no-wait] BUNDLE
+    qga-client ext list | status NAME | start NAME | stop NAME | remove NAME
+    qga-client ext call NAME COMMAND ['<json arguments>'] [--call-timeout S]
+    qga-client ext events NAME [--follow] [--max N] [--cursor C]
 
 The socket defaults to ``$QGA_SOCKET``.  Output is meant for people unless
 ``--json`` asks for JSON.  Exit status: 0 on success, 1 when the agent
 answers with an error or cannot be reached, 2 for usage errors; ``exec``
-exits with the program's exit code (128 + N when killed by signal N).
+exits with the program's exit code (128 + N when killed by signal N);
+``push`` exits 1 when the new version was rolled back or failed.
+
+``push`` uploads a bundle (its ``.statement`` and ``.sig`` beside it by
+default), installs it and waits until the new version is ready or the agent
+rolled back; on a terminal it draws a progress bar on stderr.  ``ext events
+--follow`` prints events as they come (one JSON object a line) until
+interrupted.  These commands need qga in the guest (qemu-ga has no
+extensions).
 """
 
 from __future__ import annotations
@@ -75,6 +87,36 @@ def build_parser() -> argparse.ArgumentParser:
     put = commands.add_parser("put", help="copy a host file into the guest")
     put.add_argument("local_path", metavar="LOCAL_PATH")
     put.add_argument("guest_path", metavar="GUEST_PATH")
+
+    push = commands.add_parser("push", help="upload and install an extension bundle")
+    push.add_argument("bundle", metavar="BUNDLE")
+    push.add_argument("--statement", help="the signed statement (default BUNDLE.statement)")
+    push.add_argument("--signature", help="the signature (default BUNDLE.sig)")
+    push.add_argument("--no-wait", action="store_true",
+                      help="return once installed, without waiting for the new version")
+
+    ext = commands.add_parser("ext", help="installed extensions")
+    ext_commands = ext.add_subparsers(dest="ext_command", metavar="SUBCOMMAND")
+    ext_commands.required = True
+    ext_commands.add_parser("list", help="the installed extensions")
+    for name, text in (("status", "an extension's status and last install"),
+                       ("start", "start an extension (and with the agent from now on)"),
+                       ("stop", "stop an extension (and no longer with the agent)"),
+                       ("remove", "stop an extension and delete it and its data")):
+        ext_commands.add_parser(name, help=text).add_argument("name", metavar="NAME")
+    ext_call = ext_commands.add_parser("call", help="send a request to an extension")
+    ext_call.add_argument("name", metavar="NAME")
+    ext_call.add_argument("ext_command_name", metavar="COMMAND")
+    ext_call.add_argument("arguments", nargs="?", help="the request's arguments, a JSON object")
+    ext_call.add_argument("--call-timeout", type=float, metavar="S",
+                          help="how long the agent waits for the extension")
+    ext_events = ext_commands.add_parser("events", help="read an extension's events")
+    ext_events.add_argument("name", metavar="NAME")
+    ext_events.add_argument("--follow", "-f", action="store_true",
+                            help="keep printing events as they come")
+    ext_events.add_argument("--max", type=int, default=None, metavar="N",
+                            help="at most N events per read (1..1000)")
+    ext_events.add_argument("--cursor", help="start after this cursor")
     return parser
 
 
@@ -202,6 +244,115 @@ def cmd_put(client: Client, options: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_push(client: Client, options: argparse.Namespace) -> int:
+    statement = read_file_option(options.statement)
+    signature = read_file_option(options.signature)
+    bar = ProgressBar(os.path.basename(options.bundle)) if sys.stderr.isatty() else None
+    try:
+        record = client.push(options.bundle, statement, signature, wait=not options.no_wait,
+                             progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.finish()
+    state = record.get("state")
+    human = f"{record.get('name')} {record.get('version')}: {state}"
+    if record.get("error"):
+        human += f" ({record['error']})"
+    print_result(options, record, human)
+    return EXIT_OK if state in ("done", "installing") else EXIT_FAILURE
+
+
+def read_file_option(path: Optional[str]) -> Optional[bytes]:
+    if path is None:
+        return None
+    with open(path, "rb") as source:
+        return source.read(1024 * 1024)
+
+
+class ProgressBar:
+    """``name [#####.....]  42%  3.1/7.4 MiB`` redrawn on one stderr line."""
+
+    WIDTH = 30
+
+    def __init__(self, name: str):
+        self.name = name
+        self.drawn = False
+
+    def update(self, sent: int, total: int) -> None:
+        done = int(self.WIDTH * sent / total) if total else self.WIDTH
+        percent = int(100 * sent / total) if total else 100
+        sys.stderr.write(f"\r{self.name} [{'#' * done}{'.' * (self.WIDTH - done)}]"
+                         f" {percent:3d}%  {sent / 1048576:.1f}/{total / 1048576:.1f} MiB")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def finish(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def cmd_ext(client: Client, options: argparse.Namespace) -> int:
+    command = options.ext_command
+    if command == "list":
+        extensions = client.ext_list()
+        if options.json:
+            print_json(extensions)
+            return EXIT_OK
+        for item in extensions:
+            enabled = "" if item.get("enabled", True) else "  (stopped by the host)"
+            print(f"{item['name']} {item['version']} {item['state']} {item.get('mode', '')}"
+                  f"{enabled}")
+        return EXIT_OK
+    if command == "status":
+        status = client.ext_status(options.name)
+        if options.json:
+            print_json(status)
+        else:
+            for key, value in status.items():
+                shown = json.dumps(value) if isinstance(value, (dict, list, bool)) else value
+                print(f"{key}: {shown}")
+        return EXIT_OK
+    if command in ("start", "stop", "remove"):
+        getattr(client, f"ext_{command}")(options.name)
+        print_result(options, {}, f"{options.name}: {command} done")
+        return EXIT_OK
+    if command == "call":
+        arguments = None
+        if options.arguments is not None:
+            arguments = load_json(options.arguments, "arguments")
+            if not isinstance(arguments, dict):
+                raise UsageError("the arguments must be a JSON object")
+        result = client.ext_call(options.name, options.ext_command_name, arguments,
+                                 options.call_timeout)
+        if options.json:
+            print_json(result)
+        else:
+            print(json.dumps(result, indent=2))
+        return EXIT_OK
+    return ext_events(client, options)
+
+
+def ext_events(client: Client, options: argparse.Namespace) -> int:
+    if options.max is not None and not 1 <= options.max <= 1000:
+        raise UsageError("--max must be between 1 and 1000")
+    if not options.follow:
+        batch = client.ext_events(options.name, options.cursor, options.max)
+        if options.json:
+            print_json(batch)
+        else:
+            for event in batch["events"]:
+                print(json.dumps(event))
+            warn(f"cursor {batch['cursor']}, {batch['dropped']} dropped so far")
+        return EXIT_OK
+    try:
+        for event in client.follow_events(options.name, options.cursor):
+            print(json.dumps(event), flush=True)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
 COMMANDS = {
     "ping": cmd_ping,
     "info": cmd_info,
@@ -210,6 +361,8 @@ COMMANDS = {
     "exec": cmd_exec,
     "get": cmd_get,
     "put": cmd_put,
+    "push": cmd_push,
+    "ext": cmd_ext,
 }
 
 
