@@ -6,7 +6,7 @@
     qgactl show-config [--plain]     what `qga -D` prints, with where each value came from
     qgactl logs [-f] [-n N]          the journal of qga.service, or the -l log file
     qgactl trust list|add|remove     keys trusted to sign extensions
-    qgactl ext list|verify           installed extensions (needs the extension store)
+    qgactl ext list|verify           installed extensions; re-hash their files
     qgactl clear-stale-freeze        drop a frozen marker older than this boot
 
 Which agent: the main process of the systemd unit (``--unit``, default
@@ -713,11 +713,70 @@ def _trust_text(report: Dict[str, object], files: TrustFiles) -> str:
 
 
 def cmd_ext(options: argparse.Namespace) -> int:
-    # The extension store (qga.ext) owns the installed extensions' layout and
-    # their manifests; these commands report through it once it exists.
-    sys.stderr.write(f"{PROG}: ext {options.ext_command}: this installation has no "
-                     "extension store yet\n")
-    return EXIT_USAGE
+    """``ext list`` and ``ext verify``: the agent's extension store, read only."""
+    from qga.errors import ExtensionError
+    from qga.ext.store import Store, version_of
+
+    statedir = options.statedir
+    if statedir is None:
+        agent = find_agent(options)
+        statedir = sourced_config(agent.args, agent.environ, agent.pid).config.statedir
+    try:
+        store = Store.inspect(statedir)
+    except ExtensionError as error:
+        raise CtlError(str(error)) from None
+    entries = [store.entry(name) for name in store.names()]
+    if options.ext_command == "list":
+        return _ext_list(entries, version_of, options.json)
+    wanted = [entry for entry in entries if entry.installed
+              and (options.name is None or entry.name == options.name)]
+    if options.name is not None and not wanted:
+        raise CtlError(f"extension {options.name} is not installed in {statedir}")
+    status = EXIT_OK
+    for entry in wanted:
+        for version_id in entry.versions():
+            problems = store.verify(entry.name, version_id)
+            label = f"{entry.name} {version_of(version_id)}"
+            if version_id == entry.previous:
+                label += " (previous)"
+            if problems:
+                status = EXIT_FAILURE
+                print(f"{label}: {len(problems)} problem(s)")
+                for problem in problems:
+                    print(f"  {problem}")
+            else:
+                print(f"{label}: ok")
+    return status
+
+
+def _ext_list(entries, version_of, as_json: bool) -> int:
+    rows = []
+    for entry in entries:
+        install = entry.install or {}
+        rows.append({
+            "name": entry.name,
+            "version": version_of(entry.current) if entry.current else None,
+            "previous": version_of(entry.previous) if entry.previous else None,
+            "counter": entry.counter, "enabled": entry.enabled,
+            "last-install": install.get("state"), "last-error": install.get("error"),
+        })
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        line = f"{row['name']} {row['version'] or '(not installed)'}"
+        if row["previous"]:
+            line += f" previous {row['previous']}"
+        if row["counter"] is not None:
+            line += f" counter {row['counter']}"
+        if not row["enabled"]:
+            line += " stopped"
+        if row["last-install"]:
+            line += f"; last install {row['last-install']}"
+            if row["last-error"]:
+                line += f": {row['last-error']}"
+        print(line)
+    return EXIT_OK
 
 
 def cmd_clear_stale_freeze(options: argparse.Namespace) -> int:
@@ -775,9 +834,12 @@ def build_parser() -> argparse.ArgumentParser:
     trust.set_defaults(run=cmd_trust)
 
     ext = commands.add_parser("ext", help="installed extensions")
+    ext.add_argument("--statedir", "-t", help="the agent's state directory (default: the "
+                                              "running agent's)")
     ext_commands = ext.add_subparsers(dest="ext_command", metavar="list|verify")
     ext_commands.required = True
-    ext_commands.add_parser("list", help="installed extensions and their state")
+    ext_list = ext_commands.add_parser("list", help="installed extensions and their state")
+    ext_list.add_argument("--json", action="store_true", help="print JSON")
     ext_verify = ext_commands.add_parser("verify", help="re-hash installed files against "
                                                         "their signed manifests")
     ext_verify.add_argument("name", nargs="?", help="one extension (default: all)")

@@ -55,7 +55,7 @@ import re
 import time
 from typing import Any, Dict, Iterator, List, Optional
 
-from qga.errors import StateError, StoreError
+from qga.errors import ExtensionError, StateError, StoreError
 from qga.state import atomic_write
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,14 @@ class Store:
         self._entries: Dict[str, Entry] = {}
 
     # -- opening and recovery ----------------------------------------------------------
+
+    @classmethod
+    def inspect(cls, statedir: str) -> "Store":
+        """The store as it is, read only: no recovery, nothing created or deleted (qgactl)."""
+        store = cls(os.path.join(statedir, STORE_DIR))
+        if os.path.exists(store.index_path):
+            store._load()
+        return store
 
     @classmethod
     def open(cls, statedir: str) -> "Store":
@@ -251,6 +259,53 @@ class Store:
                 return parse_manifest(stream.read())
         except OSError as error:
             raise StoreError(f"cannot read {path}: {error.strerror}") from None
+
+    def verify(self, name: str, version_id: str) -> List[str]:
+        """Problems of an installed version's files against its manifest ([] if none).
+
+        Every file the manifest lists must be a regular file (not a link) of
+        its size, mode and SHA-256, and nothing else may be in the bundle.
+        """
+        import hashlib
+        import stat
+
+        try:
+            manifest = self.read_manifest(name, version_id)
+        except (StoreError, ExtensionError) as error:
+            return [str(error)]
+        root = self.bundle_dir(name, version_id)
+        problems = []
+        listed = {entry.path for entry in manifest.files}
+        for entry in manifest.files:
+            path = os.path.join(root, entry.path)
+            try:
+                info = os.lstat(path)
+            except OSError as error:
+                problems.append(f"{entry.path}: {error.strerror}")
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                problems.append(f"{entry.path}: not a regular file")
+                continue
+            if stat.S_IMODE(info.st_mode) != entry.mode:
+                problems.append(f"{entry.path}: mode {stat.S_IMODE(info.st_mode):04o}, the"
+                                f" manifest says {entry.mode:04o}")
+            if info.st_size != entry.size:
+                problems.append(f"{entry.path}: {info.st_size} bytes, the manifest says"
+                                f" {entry.size}")
+                continue
+            digest = hashlib.sha256()
+            with open(path, "rb") as stream:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != entry.sha256:
+                problems.append(f"{entry.path}: its SHA-256 differs from the manifest's")
+        for directory, subdirectories, files in os.walk(root):
+            for file_name in files + [d for d in subdirectories
+                                      if os.path.islink(os.path.join(directory, d))]:
+                relative = os.path.relpath(os.path.join(directory, file_name), root)
+                if relative not in listed:
+                    problems.append(f"{relative}: not in the manifest")
+        return problems
 
     # -- a new version -------------------------------------------------------------------
 
