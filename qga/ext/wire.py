@@ -11,6 +11,9 @@ these environment variables (and nothing else of the agent's environment):
                       with the guest admin's override file
 ``QGA_EXT_RUNTIME``   a private writable runtime directory (tmpfs), for sockets
 
+Besides these, a fixed ``PATH`` (the system directories), ``LANG=C.UTF-8``
+and ``HOME`` (the same directory as ``QGA_EXT_STATE``).
+
 The extension connects to ``QGA_EXT_SOCKET``; the core checks the peer's
 credentials (SO_PEERCRED: the extension's uid, and a pid in the process tree
 it started).  Every connection starts with one *hello* frame naming its role:
