@@ -8,7 +8,6 @@ answers later, the way ``guest-extension-call`` does.
 from __future__ import annotations
 
 import json
-import os
 import socket
 
 import pytest
