@@ -17,9 +17,11 @@ appended as ``user@domain`` when not empty (oVirt already sends
 offer lives.  The extension then broadcasts the token on the D-Bus system bus
 and the login screen's PAM module (``native/pam_ovirt_cred.c``) trades it:
 
-1. it connects to :data:`DEFAULT_SOCKET_PATH`, a socket file in a directory
-   only root may enter, bound before the token is returned and closed again
-   once no offer is pending;
+1. it connects to ``<runtime-dir>/sso/cred.sock`` (:data:`DEFAULT_SOCKET_PATH`
+   with the default ``runtime-dir``; the PAM module's compiled-in default, else
+   its ``socket=`` argument), a socket file in a directory only root may
+   enter, bound before the token is returned and closed again once no offer
+   is pending;
 2. the core checks the peer (SO_PEERCRED: uid 0 only), the module checks the
    core the same way;
 3. the module sends the token and half-closes; the core compares it in
@@ -52,7 +54,7 @@ import struct
 import time
 from typing import Any, Callable, Dict, Iterable, Optional
 
-from qga.errors import CredentialsError, ParameterError
+from qga.errors import CommandError, CredentialsError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ PRIMITIVE = "sso-offer-credentials"
 
 # native/Makefile compiles the same path into the PAM module (SOCKET_PATH).
 DEFAULT_SOCKET_PATH = "/run/qga/sso/cred.sock"
+SOCKET_NAME = os.path.join("sso", "cred.sock")  # below the configured runtime-dir
 
 DEFAULT_TOKEN_TTL = 5.0   # the original agent's accept window
 MAX_TOKEN_TTL = 60.0
@@ -131,15 +134,20 @@ class _Connection:
 class CredentialsServer:
     """The root-only socket that serves single sign-on credentials once per token.
 
-    Built once per agent with ``ctx.service(CredentialsServer)``; tests may
-    pass their own ``socket_path``, ``loop``, ``allowed_uids`` (default: root
-    only) and ``clock``.
+    Built once per agent with ``ctx.service(CredentialsServer)``: the socket
+    is ``sso/cred.sock`` below ``ctx.config.runtime_dir``.  Tests may pass
+    their own ``socket_path``, ``loop``, ``allowed_uids`` (default: root only)
+    and ``clock``.
     """
 
-    def __init__(self, ctx: Any = None, socket_path: str = DEFAULT_SOCKET_PATH,
+    def __init__(self, ctx: Any = None, socket_path: Optional[str] = None,
                  loop: Any = None, allowed_uids: Iterable[int] = (0,),
                  clock: Callable[[], float] = time.monotonic):
         self._loop = loop if loop is not None else getattr(ctx, "loop", None)
+        if socket_path is None:
+            runtime_dir = getattr(getattr(ctx, "config", None), "runtime_dir", None)
+            socket_path = (os.path.join(runtime_dir, SOCKET_NAME) if runtime_dir
+                           else DEFAULT_SOCKET_PATH)
         self.socket_path = socket_path
         self._allowed_uids = frozenset(allowed_uids)
         self._clock = clock
@@ -380,9 +388,10 @@ def _string_argument(arguments: Dict[str, Any], name: str, required: bool) -> st
 def offer_credentials(ctx: Any, arguments: Dict[str, Any]) -> Dict[str, str]:
     """The :data:`PRIMITIVE` handler: arguments as documented above -> ``{"token": T}``.
 
-    Raises :class:`ParameterError` for bad arguments and
-    :class:`CredentialsError` when the socket cannot be set up; the proxy
-    sends either's message as the ``primitive-reply`` error.
+    Raises :class:`ParameterError` for bad arguments, and
+    :class:`CommandError` when the socket cannot be set up (logged too: the
+    admin must fix it); the proxy sends the message as the
+    ``primitive-reply`` error.
     """
     if not isinstance(arguments, dict):
         raise ParameterError("arguments must be an object")
@@ -397,5 +406,9 @@ def offer_credentials(ctx: Any, arguments: Dict[str, Any]) -> Dict[str, str]:
     ttl = arguments.get("token-ttl", DEFAULT_TOKEN_TTL)
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TOKEN_TTL:
         raise ParameterError(f"'token-ttl' must be a number of seconds in (0, {MAX_TOKEN_TTL:g}]")
-    token = ctx.service(CredentialsServer).offer(user, password, domain, float(ttl))
+    try:
+        token = ctx.service(CredentialsServer).offer(user, password, domain, float(ttl))
+    except CredentialsError as error:
+        log.warning("single sign-on: %s", error)
+        raise CommandError(f"single sign-on: {error}") from None
     return {"token": token}

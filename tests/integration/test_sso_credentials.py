@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from qga.errors import CredentialsError, ParameterError
+from qga.errors import CommandError, CredentialsError, ParameterError
 from qga.ext import credentials
 from qga.ext.credentials import CredentialsServer, build_blob, offer_credentials
 from qga.loop import Loop
@@ -85,8 +85,9 @@ def fetch(loop, path, token, half_close=True, timeout=5.0):
 
 
 def refused(answer):
-    """Closed without a byte (a reset when the server closed before reading)."""
-    return answer.get("data") == b"" or isinstance(answer.get("error"), ConnectionResetError)
+    """Closed without a byte (a reset or a broken pipe when the server closed first)."""
+    return answer.get("data") == b"" or isinstance(answer.get("error"),
+                                                   (ConnectionResetError, BrokenPipeError))
 
 
 def parse_blob(blob):
@@ -355,3 +356,38 @@ def test_tokens_and_passwords_never_reach_the_log(loop, server, sock_path, caplo
     assert password not in text
     for token in tokens:
         assert token not in text
+
+
+def test_the_socket_lives_below_the_configured_runtime_dir(loop, short_tmp):
+    from qga.config import Config
+
+    class AgentCtx:
+        config = Config()
+        def __init__(self):
+            self.loop = loop
+            self.config.runtime_dir = str(short_tmp / "run")
+            self._services = {}
+        def service(self, cls):
+            return self._services.setdefault(cls, cls(self))
+
+    ctx = AgentCtx()
+    reply = offer_credentials(ctx, {"user": "alice", "password": "s3cret"})
+    server = ctx.service(CredentialsServer)
+    try:
+        assert server.socket_path == str(short_tmp / "run" / "sso" / "cred.sock")
+        assert parse_blob(fetch(loop, server.socket_path, reply["token"])["data"]) == \
+            ("alice", "s3cret")
+    finally:
+        server.close()
+    assert CredentialsServer().socket_path == credentials.DEFAULT_SOCKET_PATH
+    assert Config().runtime_dir + "/sso/cred.sock" == credentials.DEFAULT_SOCKET_PATH
+
+
+def test_a_socket_that_cannot_be_set_up_is_a_command_error(loop, short_tmp, caplog):
+    directory = short_tmp / "open"
+    directory.mkdir()
+    os.chmod(directory, 0o777)
+    server = CredentialsServer(socket_path=str(directory / "cred.sock"), loop=loop)
+    with pytest.raises(CommandError, match="single sign-on: .* is open to others"):
+        offer_credentials(Ctx(server), {"user": "alice", "password": "s3cret"})
+    assert "open to others" in caplog.text
