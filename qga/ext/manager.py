@@ -42,6 +42,7 @@ from qga.state import atomic_write
 log = logging.getLogger(__name__)
 
 SETTINGS_DIR = "/etc/qga/extensions"
+FROZEN_POLL = 0.25
 SOCKET_DIR = "ext"
 
 
@@ -248,14 +249,23 @@ class Extensions:
         except FileExistsError:
             pass
         group = launch.runtime_group()
-        if group is not None:
+        info = os.stat(self.socket_dir)
+        if group is not None and (info.st_uid, info.st_gid) != (0, group):
             os.chown(self.socket_dir, 0, group)
-        os.chmod(self.socket_dir, 0o750)
+        if info.st_mode & 0o7777 != 0o750:
+            os.chmod(self.socket_dir, 0o750)
 
     # -- life cycle --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """At agent start: every installed and enabled extension (errors are logged)."""
+        """At agent start: every installed and enabled extension (errors are logged).
+
+        Opening the store may finish an interrupted install (it writes), so an
+        agent that starts while the guest is frozen waits for the thaw.
+        """
+        if self.is_frozen():
+            self.loop.call_later(FROZEN_POLL, self.start)
+            return
         try:
             entries = list(self.store.installed())
         except ExtensionError as error:

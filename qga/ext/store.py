@@ -434,7 +434,10 @@ def _make_directory(path: str, mode: int) -> None:
         os.mkdir(path, mode)
     except FileExistsError:
         pass
-    os.chmod(path, mode)  # whatever the umask (the unit sets 0077)
+    # Whatever the umask (the unit sets 0077); only when needed: no write at all
+    # when everything is in place.
+    if os.stat(path).st_mode & 0o7777 != mode:
+        os.chmod(path, mode)
 
 
 def _listdir(path: str) -> List[str]:

@@ -309,3 +309,22 @@ def test_sigkill_during_the_upload_then_resume(guest, bundles, big):
         "signature": base64.b64encode(signature).decode()})
     assert client.wait_install("hello")["state"] == "done"
     check_consistent(guest, f"2.0.{len(DELAYS)}")
+
+
+def test_an_agent_restarted_frozen_leaves_the_store_alone_until_the_thaw(guest, bundles):
+    client = guest.client
+    client.push(bundles.build("1.0.0", counter=10))
+    assert client.push(bundles.build("1.1.0", counter=11, script=SLOW_READY),
+                       wait=False)["state"] == "installing"
+    guest.kill()
+    index_path = guest.workdir / "state" / "extensions" / "index.json"
+    before = index_path.read_bytes()
+    (guest.workdir / "state" / "qga.state.isfrozen").touch()  # as after a crash while frozen
+    guest.start()
+    time.sleep(1.0)
+    assert index_path.read_bytes() == before  # nothing written while frozen
+    with pytest.raises(AgentError, match="has been disabled: the agent is in frozen state"):
+        guest.client.ext_status("hello")
+    assert guest.client.call("guest-fsfreeze-thaw") == 0
+    status = check_consistent(guest, "1.0.0")  # now the interrupted switch is rolled back
+    assert status["install"]["state"] == "rolled-back"
