@@ -7,6 +7,7 @@ connections (as the login screen is), some as other users.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -33,7 +34,7 @@ MATCH = ("type='signal',sender='org.ovirt.vdsm.Credentials',path='/org/ovirt/vds
 @pytest.fixture
 def bus(short_tmp):
     os.chmod(short_tmp, 0o711)  # other users reach the bus socket
-    # When root, "nobody" stands in for the extension's user qga-ext-ovirt_sso.
+    # When root, "nobody" stands in for the extension's user qga-ext-ovirt-guest-agent.
     bus = PrivateSystemBus(short_tmp / "bus", extension_user="nobody" if ROOT else None)
     yield bus
     bus.stop()
@@ -60,6 +61,15 @@ def signals(connection, member="UserAuthenticated"):
     connection.bus_call("GetId")
     return [message for message in connection.pending()
             if message.kind == sso.SIGNAL_MESSAGE and message.member == member]
+
+
+def test_the_policy_names_the_user_the_oVirt_extension_runs_as():
+    from qga.ext.launch import user_name
+    from tests.support.sso import EXTENSION_USER, POLICY
+
+    manifest = json.loads((Path(sso.__file__).parent / "manifest.json").read_text())
+    assert user_name(manifest["name"]) == EXTENSION_USER
+    assert f'<policy user="{EXTENSION_USER}">' in POLICY.read_text()
 
 
 def test_the_token_reaches_a_subscriber_of_the_name(bus, announcer):

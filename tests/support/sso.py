@@ -314,7 +314,7 @@ def account_with_password() -> Iterator[Tuple[str, str]]:
 
 SYSTEM_BUS_CONFIG = Path("/usr/share/dbus-1/system.conf")
 POLICY = REPO / "contrib" / "dbus" / "org.ovirt.vdsm.Credentials.conf"
-EXTENSION_USER = "qga-ext-ovirt_sso"
+EXTENSION_USER = "qga-ext-ovirt-guest-agent"
 
 
 class PrivateSystemBus:
@@ -323,7 +323,7 @@ class PrivateSystemBus:
     The system configuration is taken as it is, less what would touch the
     machine (its user, pid file, socket, syslog, service activation and the
     machine's other policy files).  ``extension_user`` stands in for
-    ``qga-ext-ovirt_sso`` in our policy, so a test can be that user.
+    ``qga-ext-ovirt-guest-agent`` in our policy, so a test can be that user.
     """
 
     def __init__(self, directory: Path, extension_user: Optional[str] = None):
