@@ -20,6 +20,10 @@ Files of a running extension, under the runtime directory (``runtime-dir``,
     ext/<name>/             QGA_EXT_RUNTIME, 0700, its user's
     ext/<name>.settings.json   QGA_EXT_SETTINGS, 0400, its user's
 
+The directories above the installed bundles (the state directory too) must
+be searchable by others (0711 is enough) when extensions run as their own
+users; a start says so when they are not.
+
 The settings are the manifest's ``settings.defaults`` overlaid (member by
 member) with the admin's ``/etc/qga/extensions/<name>.json`` if it exists,
 and must follow the manifest's ``settings.schema``, else the start fails.
@@ -106,6 +110,8 @@ class Runtime:
         identity = launch.identity_for(self.name)
         state_dir = manager.store.state_dir(self.name)
         bundle_dir = manager.store.bundle_dir(self.name, self.version_id)
+        if identity.own_user:
+            _check_reachable(bundle_dir)
         try:
             manager.make_socket_dir()
             _private_directory(state_dir, identity)
@@ -399,6 +405,17 @@ class Extensions:
         if entry is None or not entry.installed:
             raise ExtensionRunError(f"extension {name} is not installed")
         return self.event_queue(name).read_or_wait(cursor, maximum, wait)
+
+
+def _check_reachable(path: str) -> None:
+    """Refuse, with the reason, a bundle its user could not reach (a 0700 state directory)."""
+    parent = os.path.dirname(path)
+    while parent and parent != "/":
+        if not os.stat(parent).st_mode & 0o001:
+            raise ExtensionRunError(f"extension users cannot reach {path}: {parent} is not"
+                                    " searchable by others (the state directory and those"
+                                    " above it need at least mode 0711)")
+        parent = os.path.dirname(parent)
 
 
 def _private_directory(path: str, identity: launch.Identity) -> None:

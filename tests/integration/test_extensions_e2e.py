@@ -255,3 +255,12 @@ def test_a_killed_agent_takes_its_extensions_with_it(guest, bundles):
     status = guest.wait_state("running")
     assert status["pid"] != pid
     assert guest.client.ext_call("hello", "echo", {"a": [1, 2]}) == {"a": [1, 2]}
+
+
+@pytest.mark.skipif(not ROOT, reason="extensions run as their own users only under root")
+def test_a_state_directory_its_users_cannot_reach_is_a_clear_failure(guest, bundles):
+    os.chmod(guest.workdir, 0o700)
+    record = guest.client.push(bundles.build("1.0.0", counter=60))
+    assert record["state"] == "failed"
+    assert "extension users cannot reach" in record["error"]
+    assert "need at least mode 0711" in record["error"]
