@@ -187,7 +187,9 @@ static int connect_to_agent(pam_handle_t *pamh, const struct options *options)
     address.sun_family = AF_UNIX;
     memcpy(address.sun_path, options->socket_path, path_len + 1);
 
-    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    /* Non-blocking: a full listen backlog fails at once (EAGAIN) instead of
+     * blocking the login screen; the rest of the exchange polls with a deadline. */
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) {
         pam_syslog(pamh, LOG_ERR, "socket: %m");
         return -1;
