@@ -29,8 +29,7 @@ UPPER = """
 import sys
 import qga_ext_sdk as sdk
 extension = sdk.Extension()
-channel = extension.open_channel()
-channel.setblocking(False)
+channel = extension.open_channel()  # blocking: sendall waits while the core holds back
 
 def readable():
     data = channel.recv(65536)
