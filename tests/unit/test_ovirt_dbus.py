@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 import sys
 from pathlib import Path
@@ -83,3 +84,67 @@ def test_bus_addresses(monkeypatch):
     assert dbus.bus_address() == "unix:path=/x"
     monkeypatch.delenv("DBUS_SYSTEM_BUS_ADDRESS")
     assert dbus.bus_address() == dbus.SYSTEM_BUS_ADDRESS
+
+
+def test_every_unix_entry_of_an_address_is_listed_in_order():
+    assert dbus._socket_addresses("unix:path=/a;tcp:host=x;unix:abstract=b,guid=1") == \
+        ["/a", "\0b"]
+    with pytest.raises(dbus.DBusError, match="no unix socket"):
+        dbus._socket_addresses("tcp:host=x")
+
+
+def test_connecting_tries_each_entry_and_names_every_failure(tmp_path):
+    with pytest.raises(dbus.DBusError, match="cannot connect.*/one: .*; .*/two: "):
+        dbus.Connection(f"unix:path={tmp_path}/one;unix:path={tmp_path}/two", timeout=1)
+
+
+@pytest.fixture
+def peer():
+    """A Connection on one end of a socket pair (no bus), and the other end."""
+    ours, theirs = socket.socketpair()
+    connection = dbus.Connection.__new__(dbus.Connection)
+    connection.sock, connection.timeout = ours, 1.0
+    connection._buffer, connection._serial, connection.postponed = bytearray(), 0, []
+    yield connection, theirs
+    ours.close()
+    theirs.close()
+
+
+def test_pending_returns_what_arrived_without_waiting(peer):
+    connection, other = peer
+    assert connection.pending() == []  # nothing there: no wait, no error
+    postponed = dbus.Message(dbus.SIGNAL, {dbus.PATH: "/a", dbus.INTERFACE: "x.y",
+                                           dbus.MEMBER: "Early"}, serial=1)
+    connection.postponed.append(postponed)
+    other.sendall(dbus.Message(dbus.SIGNAL, {dbus.PATH: "/b", dbus.INTERFACE: "x.y",
+                                             dbus.MEMBER: "Late"}, serial=2).encode())
+    assert [message.member for message in connection.pending()] == ["Early", "Late"]
+    assert connection.postponed == []
+    other.close()
+    with pytest.raises(dbus.DBusError, match="closed"):
+        connection.pending()
+
+
+def test_no_reply_goes_to_a_call_that_expects_none(peer):
+    connection, other = peer
+    fields = {dbus.PATH: "/p", dbus.INTERFACE: "x.y", dbus.MEMBER: "M", dbus.SENDER: ":1.9"}
+    quiet = dbus.Message(dbus.METHOD_CALL, fields, serial=4, flags=dbus.NO_REPLY_EXPECTED)
+    connection.reply(quiet)
+    connection.reply_error(quiet, "x.Error", "no")
+    connection.reply(dbus.Message(dbus.METHOD_CALL, fields, serial=5))
+    other.settimeout(1)
+    [answer] = connection.feed(other.recv(65536))  # only the call that wants an answer
+    assert (answer.kind, answer.reply_serial, answer.fields[dbus.DESTINATION]) == \
+        (dbus.METHOD_RETURN, 5, ":1.9")
+
+
+def test_a_broken_socket_is_a_dbus_error(peer):
+    connection, other = peer
+    other.close()
+    signal = ("/p", "x.y", "M")
+    with pytest.raises(dbus.DBusError, match="the bus connection failed"):
+        for _ in range(3):  # the first send may still be buffered
+            connection.signal(*signal)
+    connection.sock.close()
+    with pytest.raises(dbus.DBusError, match="the bus connection failed"):
+        connection.receive(0.1)

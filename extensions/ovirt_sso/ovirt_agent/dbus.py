@@ -1,7 +1,10 @@
 """A minimal D-Bus client: SASL EXTERNAL, method calls and replies, signals, match rules.
 
-Enough for the session watcher (:mod:`.logind`) and for tests that play
-systemd-logind on a private bus; the standard library only, so the extension
+The extension's one D-Bus client: the session watcher (:mod:`.logind`)
+follows systemd-logind with it, single sign-on (``sso.py``) owns
+``org.ovirt.vdsm.Credentials`` and emits its signal with it, and the tests
+play systemd-logind and the login screen with it on a private bus; the
+standard library only, so the extension
 depends on nothing the guest may lack (Debian's ``python3-jeepney`` would do
 as well, but is rarely installed).  The whole wire format is here: every
 type D-Bus has (basic types, arrays, structs, dict entries, variants; no
@@ -10,8 +13,11 @@ Unix fds), in either byte order when reading, little-endian when writing.
 :class:`Connection` connects and authenticates blocking (with a deadline),
 then works message by message: :meth:`~Connection.feed` turns received
 bytes into :class:`Message` objects, so a caller can drive it from any
-event loop.  :meth:`~Connection.call_sync` is the blocking round trip used
-while setting up.
+event loop, or :meth:`~Connection.pending` reads what already arrived
+without waiting.  :meth:`~Connection.call_sync` is the blocking round trip
+used while setting up.  Every socket operation is bounded (the
+constructor's ``timeout`` for sends), and every failure, the socket's
+included, is a :class:`DBusError`.
 """
 
 from __future__ import annotations
@@ -280,18 +286,27 @@ def bus_address(system: bool = True) -> str:
     return os.environ.get(variable) or SYSTEM_BUS_ADDRESS
 
 
-def _socket_address(address: str) -> str:
-    """The first ``unix:path=`` or ``unix:abstract=`` of a D-Bus address."""
+def _socket_addresses(address: str) -> List[str]:
+    """Every ``unix:path=`` or ``unix:abstract=`` of a D-Bus address, in its order
+    (an address may list several, to be tried in turn)."""
+    found = []
     for entry in address.split(";"):
         transport, _, options = entry.partition(":")
         if transport != "unix":
             continue
         pairs = dict(option.split("=", 1) for option in options.split(",") if "=" in option)
         if "path" in pairs:
-            return _unescape(pairs["path"])
-        if "abstract" in pairs:
-            return "\0" + _unescape(pairs["abstract"])
-    raise DBusError(f"no unix socket in the bus address {address!r}")
+            found.append(_unescape(pairs["path"]))
+        elif "abstract" in pairs:
+            found.append("\0" + _unescape(pairs["abstract"]))
+    if not found:
+        raise DBusError(f"no unix socket in the bus address {address!r}")
+    return found
+
+
+def _socket_address(address: str) -> str:
+    """The first ``unix:path=`` or ``unix:abstract=`` of a D-Bus address."""
+    return _socket_addresses(address)[0]
 
 
 def _unescape(value: str) -> str:
@@ -312,15 +327,14 @@ class Connection:
 
     def __init__(self, address: Optional[str] = None, timeout: float = 5.0):
         self.address = address or bus_address()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.timeout = timeout                # the bound of every send
         self._buffer = bytearray()
         self._serial = 0
         self.unique_name = ""
         self.postponed: List[Message] = []   # what arrived during call_sync()
         deadline = time.monotonic() + timeout
+        self.sock = self._connect(deadline)
         try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(_socket_address(self.address))
             self._authenticate(deadline)
             self.unique_name = self.call_sync(BUS_NAME, BUS_PATH, BUS_NAME, "Hello",
                                               timeout=max(0.1, deadline - time.monotonic()))[0]
@@ -331,6 +345,20 @@ class Connection:
         except DBusError:
             self.sock.close()
             raise
+
+    def _connect(self, deadline: float) -> socket.socket:
+        """A socket connected to the first entry of the address that answers."""
+        errors = []
+        for where in _socket_addresses(self.address):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                sock.connect(where)
+                return sock
+            except OSError as error:
+                sock.close()
+                errors.append(f"{where.lstrip(chr(0))}: {error.strerror or error}")
+        raise DBusError(f"cannot connect to the bus at {self.address}: {'; '.join(errors)}")
 
     def _authenticate(self, deadline: float) -> None:
         uid = str(os.geteuid()).encode("ascii").hex()
@@ -353,7 +381,11 @@ class Connection:
         """Send ``message`` with the next serial; returns the serial."""
         self._serial += 1
         message.serial = self._serial
-        self.sock.sendall(message.encode())
+        try:
+            self.sock.settimeout(self.timeout)
+            self.sock.sendall(message.encode())
+        except OSError as error:
+            raise DBusError(f"the bus connection failed: {error.strerror or error}") from None
         return message.serial
 
     def call(self, destination: str, path: str, interface: str, member: str,
@@ -364,6 +396,9 @@ class Connection:
         return self.send(Message(METHOD_CALL, fields, body))
 
     def reply(self, call: Message, signature: str = "", *body: Any) -> None:
+        """Answer ``call`` (nothing if its caller asked for no reply)."""
+        if call.flags & NO_REPLY_EXPECTED:
+            return
         fields = {REPLY_SERIAL: call.serial}
         if call.sender:
             fields[DESTINATION] = call.sender
@@ -372,6 +407,8 @@ class Connection:
         self.send(Message(METHOD_RETURN, fields, body))
 
     def reply_error(self, call: Message, name: str, text: str) -> None:
+        if call.flags & NO_REPLY_EXPECTED:
+            return
         fields = {REPLY_SERIAL: call.serial, ERROR_NAME: name, SIGNATURE: "s"}
         if call.sender:
             fields[DESTINATION] = call.sender
@@ -398,14 +435,32 @@ class Connection:
 
     def receive(self, timeout: float) -> List[Message]:
         """Block up to ``timeout`` for at least one message (an empty list: none came)."""
-        self.sock.settimeout(max(0.001, timeout))
         try:
+            self.sock.settimeout(max(0.001, timeout))
             data = self.sock.recv(65536)
         except socket.timeout:
             return []
+        except OSError as error:
+            raise DBusError(f"the bus connection failed: {error.strerror or error}") from None
         if not data:
             raise DBusError("the bus closed the connection")
         return self.feed(data)
+
+    def pending(self) -> List[Message]:
+        """Without waiting: the postponed messages and those the socket already holds."""
+        data = bytearray()
+        while True:
+            try:
+                self.sock.settimeout(0.0)
+                chunk = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as error:
+                raise DBusError(f"the bus connection failed: {error.strerror or error}") from None
+            if not chunk:
+                raise DBusError("the bus closed the connection")
+            data += chunk
+        return self.take_postponed() + self.feed(bytes(data))
 
     def call_sync(self, destination: str, path: str, interface: str, member: str,
                   signature: str = "", *body: Any, timeout: float = 5.0) -> Tuple[Any, ...]:
@@ -420,7 +475,7 @@ class Connection:
                 if message.reply_serial == serial and message.kind == METHOD_RETURN:
                     return message.body
                 if message.reply_serial == serial and message.kind == ERROR:
-                    raise DBusError(f"{message.error_name}: "
+                    raise DBusError(f"{member}: {message.error_name}: "
                                     f"{message.body[0] if message.body else ''}")
                 self.postponed.append(message)
 
