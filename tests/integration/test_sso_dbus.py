@@ -23,6 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "extensions" / "ovirt_sso"))
 
 import sso  # noqa: E402
+from ovirt_agent import dbus  # noqa: E402
 from qga.ext.sdk import Loop  # noqa: E402
 from tests.support.sso import PrivateSystemBus  # noqa: E402
 
@@ -47,20 +48,25 @@ def announcer(bus):
     announcer.close()
 
 
+def bus_call(connection, member, signature="", *arguments):
+    """A call to the bus itself; its reply's values."""
+    return connection.call_sync(dbus.BUS_NAME, dbus.BUS_PATH, dbus.BUS_NAME, member,
+                                signature, *arguments, timeout=10)
+
+
 def subscriber(bus, rule=MATCH):
     """A login screen's connection: subscribed to the signal from the name."""
-    connection = sso.BusConnection(bus.address, timeout=10)
-    connection.bus_call("AddMatch", "s", rule)
+    connection = dbus.Connection(bus.address, timeout=10)
+    connection.add_match(rule)
     return connection
 
 
 def signals(connection, member="UserAuthenticated"):
     """The signals ``member`` that reached ``connection`` so far (after a round trip,
     so everything the bus dispatched before now has arrived)."""
-    connection.extend_deadline(10)
-    connection.bus_call("GetId")
+    bus_call(connection, "GetId")
     return [message for message in connection.pending()
-            if message.kind == sso.SIGNAL_MESSAGE and message.member == member]
+            if message.kind == dbus.SIGNAL and message.member == member]
 
 
 def test_the_policy_names_the_user_the_oVirt_extension_runs_as():
@@ -76,11 +82,11 @@ def test_the_token_reaches_a_subscriber_of_the_name(bus, announcer):
     login_screen = subscriber(bus)
     announcer.announce("the-token")
     [signal] = signals(login_screen)
-    assert signal.fields[sso.FIELD_PATH] == "/org/ovirt/vdsm/Credentials"
-    assert signal.fields[sso.FIELD_INTERFACE] == "org.ovirt.vdsm.Credentials"
-    assert signal.fields[sso.FIELD_SIGNATURE] == "s"
-    assert signal.body == ["the-token"]
-    assert signal.fields[sso.FIELD_SENDER] == announcer.owner
+    assert signal.path == "/org/ovirt/vdsm/Credentials"
+    assert signal.interface == "org.ovirt.vdsm.Credentials"
+    assert signal.signature == "s"
+    assert signal.body == ("the-token",)
+    assert signal.sender == announcer.owner
     login_screen.close()
 
 
@@ -89,18 +95,18 @@ def test_the_name_stays_owned_between_logins(bus, announcer):
     for token in ("first", "second", "third"):
         announcer.announce(token)
     assert [signal.body[0] for signal in signals(login_screen)] == ["first", "second", "third"]
-    assert login_screen.bus_call("GetNameOwner", "s", sso.BUS_NAME) == [announcer.owner]
+    assert bus_call(login_screen, "GetNameOwner", "s", sso.BUS_NAME) == (announcer.owner,)
     announcer.close()
-    assert login_screen.bus_call("NameHasOwner", "s", sso.BUS_NAME) == [0]
+    assert bus_call(login_screen, "NameHasOwner", "s", sso.BUS_NAME) == (False,)
     login_screen.close()
 
 
 def test_nothing_is_emitted_when_another_process_owns_the_name(bus):
-    squatter = sso.BusConnection(bus.address)
-    assert squatter.bus_call("RequestName", "su", sso.BUS_NAME, sso.DO_NOT_QUEUE) == [1]
+    squatter = dbus.Connection(bus.address)
+    assert bus_call(squatter, "RequestName", "su", sso.BUS_NAME, sso.DO_NOT_QUEUE) == (1,)
     watcher = subscriber(bus, "type='signal',interface='org.ovirt.vdsm.Credentials'")
     announcer = sso.CredentialsAnnouncer(address=bus.address)
-    with pytest.raises(sso.DBusError, match="owned by another process"):
+    with pytest.raises(dbus.DBusError, match="owned by another process"):
         announcer.announce("the-token")
     assert signals(watcher) == []
     squatter.close()
@@ -110,9 +116,20 @@ def test_nothing_is_emitted_when_another_process_owns_the_name(bus):
 def test_an_unreachable_bus_fails_at_once(short_tmp):
     announcer = sso.CredentialsAnnouncer(address=f"unix:path={short_tmp}/no-bus")
     started = time.monotonic()
-    with pytest.raises(sso.DBusError, match="cannot connect to the bus"):
+    with pytest.raises(dbus.DBusError, match="cannot connect to the bus"):
         announcer.announce("the-token")
     assert time.monotonic() - started < 1
+
+
+def test_an_address_list_is_tried_in_turn(bus, short_tmp):
+    login_screen = subscriber(bus)
+    announcer = sso.CredentialsAnnouncer(address=f"unix:path={short_tmp}/no-bus;{bus.address}")
+    try:
+        announcer.announce("via-the-second-entry")
+        assert [signal.body for signal in signals(login_screen)] == [("via-the-second-entry",)]
+    finally:
+        announcer.close()
+        login_screen.close()
 
 
 def test_the_announcer_comes_back_after_the_bus_restarts(short_tmp):
@@ -125,7 +142,7 @@ def test_the_announcer_comes_back_after_the_bus_restarts(short_tmp):
         try:
             login_screen = subscriber(second)
             announcer.announce("after")
-            assert [signal.body for signal in signals(login_screen)] == [["after"]]
+            assert [signal.body for signal in signals(login_screen)] == [("after",)]
             login_screen.close()
         finally:
             second.stop()
@@ -139,11 +156,14 @@ def call_in_thread(bus, loop, interface, member):
     result = {}
 
     def caller():
-        with sso.BusConnection(bus.address, timeout=5) as connection:
-            try:
-                result["reply"] = connection.call(sso.BUS_NAME, sso.OBJECT_PATH, interface, member)
-            except sso.DBusError as error:
-                result["error"] = str(error)
+        connection = dbus.Connection(bus.address, timeout=5)
+        try:
+            result["reply"] = connection.call_sync(sso.BUS_NAME, sso.OBJECT_PATH, interface,
+                                                   member, timeout=5)
+        except dbus.DBusError as error:
+            result["error"] = str(error)
+        finally:
+            connection.close()
 
     thread = threading.Thread(target=caller)
     thread.start()
@@ -162,7 +182,7 @@ def test_while_idle_it_answers_introspection_and_refuses_the_rest(bus):
         [xml] = call_in_thread(bus, loop, "org.freedesktop.DBus.Introspectable",
                                "Introspect")["reply"]
         assert '<signal name="UserAuthenticated">' in xml and 'type="s"' in xml
-        assert call_in_thread(bus, loop, "org.freedesktop.DBus.Peer", "Ping") == {"reply": []}
+        assert call_in_thread(bus, loop, "org.freedesktop.DBus.Peer", "Ping") == {"reply": ()}
         refused = call_in_thread(bus, loop, "org.freedesktop.DBus.Introspectable", "Nope")
         assert "UnknownMethod" in refused["error"]
         # Calls the policy does not allow never reach us.
@@ -221,13 +241,15 @@ def test_any_user_receives_the_signal(bus, announcer):
     ready_r, ready_w = os.pipe()
 
     def listen():
-        connection = sso.BusConnection(bus.address, timeout=10)
-        connection.bus_call("AddMatch", "s", MATCH)
+        connection = dbus.Connection(bus.address, timeout=10)
+        connection.add_match(MATCH)
         os.write(ready_w, b"x")
-        while True:
-            message = connection.receive()
-            if message.member == "UserAuthenticated":
-                return message.body[0]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for message in connection.receive(deadline - time.monotonic()):
+                if message.member == "UserAuthenticated":
+                    return message.body[0]
+        return "no signal"
 
     result = {}
     thread = threading.Thread(target=lambda: result.update(token=run_as(1, listen)))
@@ -315,7 +337,7 @@ def test_handle_login_asks_the_core_then_announces(bus, caplog):
         assert login(extension, bus, {"username": "alice@corp", "password": "pw-secret"}) == [None]
         assert extension.asked == [("sso-offer-credentials", {
             "user": "alice@corp", "password": "pw-secret", "token-ttl": 5})]
-        assert [signal.body for signal in signals(login_screen)] == [["core-token"]]
+        assert [signal.body for signal in signals(login_screen)] == [("core-token",)]
         assert "alice@corp" in caplog.text
         assert "pw-secret" not in caplog.text and "core-token" not in caplog.text
     finally:

@@ -4,7 +4,7 @@ Every part is the real one except the core's extension proxy, which is not
 there yet: a stand-in here speaks qga.ext.wire's control connection and
 serves the ``sso-offer-credentials`` primitive with qga.ext.credentials, as
 the proxy will.  The extension is its own process, from a directory laid out
-as a bundle would be (sso.py beside a copy of the SDK), and runs unprivileged
+as a bundle would be (sso.py beside ovirt_agent/dbus.py and a copy of the SDK), and runs unprivileged
 (as nobody) when the test runs as root; the core side and pamtester run as
 root; the login screen is a subscriber on a private system bus that hands the
 token to pamtester, as gnome-shell hands it to the PAM service.
@@ -32,6 +32,9 @@ from tests.support.sso import (PamStack, PrivateSystemBus, account_with_password
                                contrib_stack, pam_modules, require_pam_tools, run_pamtester)
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "extensions" / "ovirt_sso"))
+from ovirt_agent import dbus  # noqa: E402  (the login screen's client)
+
 ROOT = os.geteuid() == 0
 SIGNAL_MATCH = ("type='signal',sender='org.ovirt.vdsm.Credentials',"
                 "path='/org/ovirt/vdsm/Credentials',interface='org.ovirt.vdsm.Credentials',"
@@ -108,9 +111,13 @@ def install_extension(directory: Path) -> Path:
     bundle = directory / "bundle"
     bundle.mkdir(parents=True)
     shutil.copy(REPO / "extensions" / "ovirt_sso" / "sso.py", bundle / "sso.py")
+    (bundle / "ovirt_agent").mkdir()  # sso.py's D-Bus client, as the bundle has it
+    for name in ("__init__.py", "dbus.py"):
+        shutil.copy(REPO / "extensions" / "ovirt_sso" / "ovirt_agent" / name,
+                    bundle / "ovirt_agent" / name)
     shutil.copy(REPO / "qga" / "ext" / "sdk.py", bundle / "sdk.py")
     (bundle / "main.py").write_text(EXTENSION_MAIN)
-    for path in (directory, bundle, *bundle.iterdir()):
+    for path in (directory, *bundle.rglob("*"), bundle):
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     return bundle
 
@@ -146,10 +153,7 @@ def rig(short_tmp, tmp_path_factory):
     require_pam_tools()
     os.chmod(short_tmp, 0o755)
     modules = pam_modules(tmp_path_factory.mktemp("pam-build"))
-    sys.path.insert(0, str(REPO / "extensions" / "ovirt_sso"))
-    import sso
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(sys.path.remove, str(REPO / "extensions" / "ovirt_sso"))
         bus = PrivateSystemBus(short_tmp / "bus", extension_user="nobody" if ROOT else None)
         cleanup.callback(bus.stop)
         loop = Loop()
@@ -159,17 +163,17 @@ def rig(short_tmp, tmp_path_factory):
         cleanup.callback(credentials.close)
         core = CoreStandIn(loop, short_tmp, credentials)
         cleanup.callback(core.close)
-        login_screen = sso.BusConnection(bus.address, timeout=30)
+        login_screen = dbus.Connection(bus.address, timeout=30)
         cleanup.callback(login_screen.close)
-        login_screen.bus_call("AddMatch", "s", SIGNAL_MATCH)
+        login_screen.add_match(SIGNAL_MATCH, timeout=30)
         yield type("Rig", (), dict(modules=modules, bus=bus, loop=loop, credentials=credentials,
                                    core=core, bundle=install_extension(short_tmp / "ext"),
                                    login_screen=login_screen, directory=short_tmp))
 
 
 def tokens_announced(login_screen):
-    login_screen.extend_deadline(10)
-    login_screen.bus_call("GetId")  # everything dispatched before now has arrived
+    # A round trip: everything dispatched before now has arrived.
+    login_screen.call_sync(dbus.BUS_NAME, dbus.BUS_PATH, dbus.BUS_NAME, "GetId", timeout=10)
     return [message.body[0] for message in login_screen.pending()
             if message.member == "UserAuthenticated"]
 
