@@ -3,7 +3,7 @@
 ::
 
     qga-bundle keygen PREFIX --names hello,hello-*   # PREFIX.key (private), PREFIX.json (trust)
-    qga-bundle build DIR [-o OUT]                     # DIR/manifest.json + files -> NAME-VERSION.qgb
+    qga-bundle build DIR [-o OUT] [--with-sdk]        # DIR/manifest.json + files -> NAME-VERSION.qgb
     qga-bundle sign BUNDLE --key PREFIX.key [--counter N]   # BUNDLE.statement, BUNDLE.sig
     qga-bundle verify BUNDLE [--trust-dir DIR]... [--installed-counter N] [--allow-unsigned]
     qga-bundle inspect BUNDLE [--json]
@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("-o", "--output", help="the bundle to write (default NAME-VERSION.qgb)")
     build.add_argument("--no-compress", action="store_true",
                        help="write a plain tar instead of a gzip-compressed one")
+    build.add_argument("--with-sdk", action="store_true",
+                       help="add a copy of the extension SDK as qga_ext_sdk.py, so the bundle"
+                            " runs on any guest python3 without the core's package")
     build.set_defaults(run=run_build)
 
     sign = commands.add_parser("sign", help="write the statement and signature of a bundle")
@@ -123,21 +126,45 @@ def run_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+SDK_COPY_NAME = "qga_ext_sdk.py"
+
+
 def run_build(args: argparse.Namespace) -> int:
+    import tempfile
+
     from qga.ext.bundle import build_bundle, sha256_of
 
-    output = args.output
-    if output is None:
-        # The name comes from the manifest: build into a temporary name first.
-        temporary = os.path.join(os.getcwd(), f".qga-bundle-{os.getpid()}.qgb")
-        manifest = build_bundle(args.directory, temporary, compress=not args.no_compress)
-        output = f"{manifest.name}-{manifest.version}.qgb"
-        os.rename(temporary, output)
-    else:
-        manifest = build_bundle(args.directory, output, compress=not args.no_compress)
+    with tempfile.TemporaryDirectory(prefix="qga-bundle-") as staging:
+        source = _staged_with_sdk(args.directory, staging) if args.with_sdk else args.directory
+        output = args.output
+        if output is None:
+            # The name comes from the manifest: build into a temporary name first.
+            temporary = os.path.join(os.getcwd(), f".qga-bundle-{os.getpid()}.qgb")
+            manifest = build_bundle(source, temporary, compress=not args.no_compress)
+            output = f"{manifest.name}-{manifest.version}.qgb"
+            os.rename(temporary, output)
+        else:
+            manifest = build_bundle(source, output, compress=not args.no_compress)
     print(f"{output}: {manifest.name} {manifest.version}, {len(manifest.files)} files,"
           f" sha256 {sha256_of(output)}")
     return 0
+
+
+def _staged_with_sdk(directory: str, staging: str) -> str:
+    """A copy of ``directory`` with the SDK beside the extension's files."""
+    import shutil
+
+    from qga.ext import sdk
+
+    copy = os.path.join(staging, "source")
+    shutil.copytree(directory, copy, symlinks=True)  # links stay links: the build refuses them
+    target = os.path.join(copy, SDK_COPY_NAME)
+    if os.path.lexists(target):
+        from qga.errors import BundleError
+
+        raise BundleError(f"{directory} already has a {SDK_COPY_NAME}: build it without --with-sdk")
+    shutil.copyfile(sdk.__file__, target)
+    return copy
 
 
 def run_sign(args: argparse.Namespace) -> int:

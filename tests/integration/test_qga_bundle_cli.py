@@ -168,3 +168,20 @@ def test_the_console_script_is_declared():
         pytest.skip("qga-bundle is not installed (pip install -e .)")
     result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and "keygen" in result.stdout
+
+
+def test_build_with_sdk_adds_the_sdk_copy(work):
+    ok("build", work / "src", "--with-sdk", "-o", work / "b.qgb")
+    listing = json.loads(ok("inspect", work / "b.qgb", "--json"))
+    paths = {entry["path"] for entry in listing["files"]}
+    assert paths == {"hello.py", "lib/util.py", "qga_ext_sdk.py"}
+    sdk_source = (REPO / "qga" / "ext" / "sdk.py").read_bytes()
+    sdk_entry = next(e for e in listing["files"] if e["path"] == "qga_ext_sdk.py")
+    assert sdk_entry["sha256"] == hashlib.sha256(sdk_source).hexdigest()
+    assert not (work / "src" / "qga_ext_sdk.py").exists()  # the source directory is untouched
+
+
+def test_build_with_sdk_refuses_a_directory_that_has_one(work):
+    (work / "src" / "qga_ext_sdk.py").write_text("# an old copy\n")
+    assert "already has a qga_ext_sdk.py" in fails("build", work / "src", "--with-sdk",
+                                                   "-o", work / "b.qgb")
