@@ -75,9 +75,24 @@ class EventQueue:
 
     def push(self, name: str, data: Dict[str, Any], size: int) -> bool:
         """Queue one event; False if the rate limit dropped it."""
-        if not self._take_token():
-            self.dropped += 1
+        if not self.admit():
             return False
+        self.append(name, data, size)
+        return True
+
+    def admit(self) -> bool:
+        """Whether the rate limit lets one more event in (counted as dropped if not).
+
+        The proxy asks before it checks an event against its schema, so a
+        flood costs the agent little more than reading it.
+        """
+        if self._take_token():
+            return True
+        self.dropped += 1
+        return False
+
+    def append(self, name: str, data: Dict[str, Any], size: int) -> None:
+        """Queue an admitted event, dropping the oldest beyond the bounds."""
         self._events.append(Event(self._next, name, data, time.time(), size))
         self._next += 1
         self._bytes += size
@@ -86,7 +101,6 @@ class EventQueue:
             self._bytes -= self._events.popleft().size
             self.dropped += 1
         self._wake_waiters()
-        return True
 
     def _take_token(self) -> bool:
         now = self.clock()

@@ -37,7 +37,6 @@ no more.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import socket
@@ -56,6 +55,7 @@ DEFAULT_CALL_TIMEOUT = 10.0  # seconds, when neither the host nor the manifest s
 MAX_GREETING = 4            # connections that have not said hello yet
 MAX_OUTPUT = 8 * wire.MAX_FRAME
 READ_BUDGET = 256 * 1024    # per wake-up, so one extension cannot starve the loop
+CONTROL_READ_BUDGET = 64 * 1024  # frames cost more than bytes: less per wake-up
 LOG_LINES_PER_SECOND = 50
 MAX_ERROR_TEXT = 4096
 _UCRED = struct.Struct("3i")
@@ -74,6 +74,7 @@ class Stream:
 
     def __init__(self, loop, sock: socket.socket, on_data: Callable[[bytes], None],
                  on_close: Callable[[], None], max_output: int = MAX_OUTPUT):
+        self.read_budget = READ_BUDGET
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
@@ -136,10 +137,10 @@ class Stream:
             self._read()
 
     def _read(self) -> None:
-        budget = READ_BUDGET
+        budget = self.read_budget
         while budget > 0 and self._reading and not self.closed:
             try:
-                data = self.sock.recv(65536)
+                data = self.sock.recv(min(65536, budget))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -347,6 +348,7 @@ class Proxy:
             self._refuse(stream, "a second control connection")
             return
         self._control = stream
+        stream.read_budget = CONTROL_READ_BUDGET
         self._lines = LineSplitter(wire.MAX_FRAME)
         stream.on_data = self._on_control_data
         stream.on_close = self._on_control_closed
@@ -365,7 +367,7 @@ class Proxy:
         stream = self._control
         try:
             for line in self._lines.feed(data):
-                self._on_frame(wire.decode(line))
+                self._on_frame(wire.decode(line), len(line))
                 if self._control is not stream:
                     return  # closed by what the frame did
         except wire.FrameError as error:
@@ -377,10 +379,10 @@ class Proxy:
             self._control.close()
         self.on_violation(f"broke the protocol: {reason}")
 
-    def _on_frame(self, frame: Dict[str, Any]) -> None:
+    def _on_frame(self, frame: Dict[str, Any], size: int) -> None:
         kind = frame.get("type")
         if kind == "event":
-            self._on_event(frame)
+            self._on_event(frame, size)
         elif kind == "reply":
             self._on_reply(frame)
         elif kind == "ready":
@@ -425,7 +427,9 @@ class Proxy:
 
     # -- events ---------------------------------------------------------------------------------
 
-    def _on_event(self, frame: Dict[str, Any]) -> None:
+    def _on_event(self, frame: Dict[str, Any], size: int) -> None:
+        if not self.events.admit():
+            return  # over the rate limit: counted as dropped, not even checked
         name, data = frame.get("name"), frame.get("data")
         problem = None
         if not isinstance(name, str) or name not in self.manifest.events:
@@ -438,8 +442,7 @@ class Proxy:
             self.rejected += 1
             self._throttled_log(logging.WARNING, f"refused {problem}")
             return
-        size = len(json.dumps(data, separators=(",", ":")))
-        self.events.push(name, data, size)
+        self.events.append(name, data, size)
 
     # -- calls ------------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import pytest
 
 from qga.ext.launch import user_name
 from tests.integration.test_extensions_e2e import ROOT, Guest
-from tests.support.ext_hello import HelloBundles
+from tests.support.ext_hello import HelloBundles, NAME
 
 UPPER = """
 import sys
@@ -54,14 +54,14 @@ MANIFEST = {
 def remove_users():
     yield
     if ROOT:
-        subprocess.run(["userdel", user_name("hello")], capture_output=True)
+        subprocess.run(["userdel", user_name(NAME)], capture_output=True)
 
 
 @pytest.fixture
 def setup():
     workdir = Path(tempfile.mkdtemp(prefix="qga-chan-"))
     os.chmod(workdir, 0o755)
-    bundles = HelloBundles(workdir)
+    bundles = HelloBundles(workdir, name=NAME)
     master, slave = pty.openpty()
     tty.setraw(slave)
     guest = Guest(bundles)
@@ -105,7 +105,7 @@ def test_the_port_is_relayed_to_the_extension(setup):
         if readable:
             received += os.read(master, 65536)
     assert received == big.upper()
-    events = guest.client.ext_events("hello")["events"]
+    events = guest.client.ext_events(NAME)["events"]
     assert {"name": "host", "data": {"connected": True}} in [
         {"name": e["name"], "data": e["data"]} for e in events]
     guest.client.ping()

@@ -17,14 +17,14 @@ import pytest
 from qga.ext.launch import user_name
 from qga.host import cli
 from tests.integration.test_extensions_e2e import ROOT, Guest
-from tests.support.ext_hello import REPO, HelloBundles
+from tests.support.ext_hello import HelloBundles, NAME, REPO
 
 
 @pytest.fixture(scope="module")
 def bundles():
     workdir = Path(tempfile.mkdtemp(prefix="qga-client-"))
     os.chmod(workdir, 0o755)
-    yield HelloBundles(workdir)
+    yield HelloBundles(workdir, name=NAME)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -32,7 +32,7 @@ def bundles():
 def remove_users():
     yield
     if ROOT:
-        subprocess.run(["userdel", user_name("hello")], capture_output=True)
+        subprocess.run(["userdel", user_name(NAME)], capture_output=True)
 
 
 @pytest.fixture
@@ -55,23 +55,23 @@ def qga_client(guest, *args, check=True):
 def test_push_list_status_call_events_stop_start_remove(guest, bundles):
     bundle = bundles.build("1.0.0", counter=10)
     out = qga_client(guest, "push", bundle).stdout
-    assert out == "hello 1.0.0: done\n"
-    assert qga_client(guest, "ext", "list").stdout == "hello 1.0.0 running envelope\n"
-    status = json.loads(qga_client(guest, "--json", "ext", "status", "hello").stdout)
+    assert out == f"{NAME} 1.0.0: done\n"
+    assert qga_client(guest, "ext", "list").stdout == f"{NAME} 1.0.0 running envelope\n"
+    status = json.loads(qga_client(guest, "--json", "ext", "status", NAME).stdout)
     assert status["state"] == "running" and status["install"]["state"] == "done"
-    result = json.loads(qga_client(guest, "--json", "ext", "call", "hello", "greet",
+    result = json.loads(qga_client(guest, "--json", "ext", "call", NAME, "greet",
                                    '{"who": "cli"}').stdout)
     assert result == {"greeting": "hello cli", "count": 1}
-    events = qga_client(guest, "ext", "events", "hello")
+    events = qga_client(guest, "ext", "events", NAME)
     assert [json.loads(line)["data"] for line in events.stdout.splitlines()] == [
         {"who": "cli", "count": 1}]
     assert "0 dropped so far" in events.stderr
-    bad = qga_client(guest, "ext", "call", "hello", "greet", "[1]", check=False)
+    bad = qga_client(guest, "ext", "call", NAME, "greet", "[1]", check=False)
     assert bad.returncode == 2 and "must be a JSON object" in bad.stderr
 
     # --follow prints what comes, as it comes.
     follower = subprocess.Popen([sys.executable, "-m", "qga.host.cli", "-s",
-                                 str(guest.agent.sock), "ext", "events", "hello", "--follow"],
+                                 str(guest.agent.sock), "ext", "events", NAME, "--follow"],
                                 stdout=subprocess.PIPE, text=True,
                                 env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
@@ -81,14 +81,14 @@ def test_push_list_status_call_events_stop_start_remove(guest, bundles):
         follower.kill()
         follower.wait()
 
-    assert qga_client(guest, "ext", "stop", "hello").stdout == "hello: stop done\n"
+    assert qga_client(guest, "ext", "stop", NAME).stdout == f"{NAME}: stop done\n"
     assert "stopped" in qga_client(guest, "ext", "list").stdout
-    qga_client(guest, "ext", "start", "hello")
+    qga_client(guest, "ext", "start", NAME)
     deadline = time.monotonic() + 10
     while "running" not in qga_client(guest, "ext", "list").stdout:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    qga_client(guest, "ext", "remove", "hello")
+    qga_client(guest, "ext", "remove", NAME)
     assert qga_client(guest, "ext", "list").stdout == ""
 
 
@@ -97,7 +97,7 @@ def test_push_reports_a_rollback_and_a_refusal(guest, bundles):
     broken = bundles.build("1.0.1", counter=11, script="import sys; sys.exit(2)\n")
     result = qga_client(guest, "push", broken, check=False)
     assert result.returncode == 1
-    assert result.stdout.startswith("hello 1.0.1: rolled-back (exited with status 2")
+    assert result.stdout.startswith(f"{NAME} 1.0.1: rolled-back (exited with status 2")
     replay = qga_client(guest, "push", bundles.build("1.0.0", counter=9), check=False)
     assert replay.returncode == 1
     assert "counter 9 is not above the installed counter 11" in replay.stderr

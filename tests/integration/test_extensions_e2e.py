@@ -21,7 +21,7 @@ from qga.errors import AgentError
 from qga.ext.launch import user_name
 from qga.host.client import Client
 from tests.support.agents import our_agent
-from tests.support.ext_hello import HelloBundles, agent_config
+from tests.support.ext_hello import HelloBundles, NAME, agent_config
 
 ROOT = os.geteuid() == 0
 
@@ -39,7 +39,7 @@ CRASHES = "import sys\nprint('broken build', flush=True)\nsys.exit(3)\n"
 def bundles():
     workdir = Path(tempfile.mkdtemp(prefix="qga-hello-"))
     os.chmod(workdir, 0o755)
-    builder = HelloBundles(workdir)
+    builder = HelloBundles(workdir, name=NAME)
     yield builder
     shutil.rmtree(workdir, ignore_errors=True)
 
@@ -48,7 +48,7 @@ def bundles():
 def remove_users():
     yield
     if ROOT:
-        subprocess.run(["userdel", user_name("hello")], capture_output=True)
+        subprocess.run(["userdel", user_name(NAME)], capture_output=True)
 
 
 class Guest:
@@ -80,10 +80,10 @@ class Guest:
     def log(self):
         return self.agent.stderr() if self.agent else ""
 
-    def status(self, name="hello"):
+    def status(self, name=NAME):
         return self.client.ext_status(name)
 
-    def wait_state(self, state, name="hello", timeout=15.0):
+    def wait_state(self, state, name=NAME, timeout=15.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.status(name)
@@ -125,28 +125,28 @@ def test_push_call_events_upgrade_replay_remove(guest, bundles):
     progress = []
     record = client.push(bundles.build("1.0.0", counter=10),
                          progress=lambda sent, total: progress.append((sent, total)))
-    assert record == {"name": "hello", "version": "1.0.0", "state": "done"}
+    assert record == {"name": NAME, "version": "1.0.0", "state": "done"}
     assert progress and progress[-1][0] == progress[-1][1]
-    assert client.ext_list() == [{"name": "hello", "version": "1.0.0", "state": "running",
+    assert client.ext_list() == [{"name": NAME, "version": "1.0.0", "state": "running",
                                   "enabled": True, "mode": "envelope"}]
     status = guest.status()
     assert status["connected"] and status["counter"] == 10 and status["restarts"] == 0
     if ROOT:
         import pwd
 
-        assert pwd.getpwuid(process_user(status["pid"])).pw_name == "qga-ext-hello"
+        assert pwd.getpwuid(process_user(status["pid"])).pw_name == user_name(NAME)
 
-    assert client.ext_call("hello", "greet", {"who": "host"}) == {"greeting": "hello host",
+    assert client.ext_call(NAME, "greet", {"who": "host"}) == {"greeting": "hello host",
                                                                    "count": 1}
-    with pytest.raises(AgentError, match="arguments of hello greet: at who"):
-        client.ext_call("hello", "greet", {"who": 7})
+    with pytest.raises(AgentError, match=f"arguments of {NAME} greet: at who"):
+        client.ext_call(NAME, "greet", {"who": 7})
     with pytest.raises(AgentError, match="has no command 'shout'"):
-        client.ext_call("hello", "shout")
-    batch = client.ext_events("hello")
+        client.ext_call(NAME, "shout")
+    batch = client.ext_events(NAME)
     assert [(e["name"], e["data"]) for e in batch["events"]] == [
         ("greeted", {"who": "host", "count": 1})]
     assert batch["dropped"] == 0
-    assert client.ext_events("hello", batch["cursor"])["events"] == []
+    assert client.ext_events(NAME, batch["cursor"])["events"] == []
 
     # An upgrade keeps the extension's data and the version before.
     old_pid = status["pid"]
@@ -156,7 +156,7 @@ def test_push_call_events_upgrade_replay_remove(guest, bundles):
     assert (status["version"], status["previous-version"], status["counter"]) == (
         "1.1.0", "1.0.0", 11)
     assert not alive(old_pid)
-    assert client.ext_call("hello", "greet", {"who": "again"})["count"] == 2
+    assert client.ext_call(NAME, "greet", {"who": "again"})["count"] == 2
 
     # The old bundle again: a replay, refused, and nothing changes.
     with pytest.raises(AgentError, match="counter 10 is not above the installed counter 11"):
@@ -165,7 +165,7 @@ def test_push_call_events_upgrade_replay_remove(guest, bundles):
     assert guest.status()["install"]["state"] == "failed"
 
     pid = guest.status()["pid"]
-    client.ext_remove("hello")
+    client.ext_remove(NAME)
     assert client.ext_list() == []
     status = guest.status()
     assert status["state"] == "not-installed" and status["counter"] == 11
@@ -176,7 +176,7 @@ def test_push_call_events_upgrade_replay_remove(guest, bundles):
     store = guest.workdir / "state" / "extensions"
     assert sorted(os.listdir(store)) == ["index.json", "staging"]
     assert os.listdir(store / "staging") == []
-    assert not (guest.workdir / "run" / "ext" / "hello.sock").exists()
+    assert not (guest.workdir / "run" / "ext" / f"{NAME}.sock").exists()
     client.ping()
 
 
@@ -193,7 +193,7 @@ def test_a_broken_upgrade_is_rolled_back(guest, bundles):
     status = guest.wait_state("running")
     assert status["version"] == "1.0.0" and "previous-version" not in status
     assert status["pid"] != before  # stopped for the upgrade, started again
-    assert client.ext_call("hello", "greet", {"who": "a"})["count"] == 1
+    assert client.ext_call(NAME, "greet", {"who": "a"})["count"] == 1
 
     record = client.push(bundles.build("2.0.1", counter=22, script=CRASHES))
     assert record["state"] == "rolled-back"
@@ -201,7 +201,7 @@ def test_a_broken_upgrade_is_rolled_back(guest, bundles):
     assert "broken build" in record["error"]
     guest.wait_state("running")
     assert guest.status()["counter"] == 22  # a failed version is not installed again
-    versions = guest.workdir / "state/extensions/hello/versions"
+    versions = guest.workdir / f"state/extensions/{NAME}/versions"
     assert len(os.listdir(versions)) == 1
 
 
@@ -217,20 +217,20 @@ def test_a_failed_first_install_leaves_nothing(guest, bundles):
 def test_stop_and_start_and_the_agent_restart(guest, bundles):
     client = guest.client
     client.push(bundles.build("1.0.0", counter=40))
-    assert client.ext_call("hello", "greet", {"who": "x"})["count"] == 1
+    assert client.ext_call(NAME, "greet", {"who": "x"})["count"] == 1
     pid = guest.status()["pid"]
-    client.ext_stop("hello")
+    client.ext_stop(NAME)
     status = guest.wait_state("stopped")
     assert "pid" not in status and not status["enabled"]
     assert not alive(pid)
-    with pytest.raises(AgentError, match="extension hello is stopped"):
-        client.ext_call("hello", "greet")
+    with pytest.raises(AgentError, match=f"extension {NAME} is stopped"):
+        client.ext_call(NAME, "greet")
 
     # Stopped stays stopped across a restart of the agent...
     guest.stop()
     guest.start()
     assert guest.status()["state"] == "stopped"
-    guest.client.ext_start("hello")
+    guest.client.ext_start(NAME)
     guest.wait_state("running")
 
     # ...and running comes back running, with its data; stopping the agent stops it.
@@ -239,7 +239,7 @@ def test_stop_and_start_and_the_agent_restart(guest, bundles):
     assert not alive(pid)
     guest.start()
     status = guest.wait_state("running")
-    assert guest.client.ext_call("hello", "greet", {"who": "x"})["count"] == 2
+    assert guest.client.ext_call(NAME, "greet", {"who": "x"})["count"] == 2
     assert status["install"]["state"] == "done"
 
 
@@ -254,7 +254,7 @@ def test_a_killed_agent_takes_its_extensions_with_it(guest, bundles):
     guest.start()
     status = guest.wait_state("running")
     assert status["pid"] != pid
-    assert guest.client.ext_call("hello", "echo", {"a": [1, 2]}) == {"a": [1, 2]}
+    assert guest.client.ext_call(NAME, "echo", {"a": [1, 2]}) == {"a": [1, 2]}
 
 
 @pytest.mark.skipif(not ROOT, reason="extensions run as their own users only under root")

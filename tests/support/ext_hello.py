@@ -4,7 +4,8 @@
 puts its trust file in a private trust directory; :meth:`HelloBundles.build`
 stages ``extensions/hello`` (with a copy of the SDK, as a bundle ships it),
 optionally changed (another version, another script, manifest members), and
-runs ``qga-bundle build`` and ``qga-bundle sign`` as processes.
+runs ``qga-bundle build`` and ``qga-bundle sign`` as processes.  Tests build it
+under :data:`NAME`, unique to the test run.
 
 :func:`agent_config` writes the configuration an agent under test needs:
 the trust directory, a runtime directory of its own, a ports directory.
@@ -24,6 +25,9 @@ from typing import Any, Dict, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "extensions" / "hello"
+# The name tests install hello under: its own per test run, so that runs side
+# by side on one machine do not share (and kill) each other's extension users.
+NAME = f"hello-{os.getpid()}"
 SDK = REPO / "qga" / "ext" / "sdk.py"
 
 
@@ -40,8 +44,9 @@ def bundle_tool(*args: Any, cwd: Optional[Path] = None) -> str:
 class HelloBundles:
     """A signing key trusted for ``hello*`` and bundles of the example extension."""
 
-    def __init__(self, workdir: Path, names: str = "hello,hello-*"):
+    def __init__(self, workdir: Path, names: str = "hello,hello-*", name: str = "hello"):
         self.workdir = workdir
+        self.name = name
         self.trust_dir = workdir / "trust.d"
         self.trust_dir.mkdir(mode=0o755, exist_ok=True)
         os.chmod(self.trust_dir, 0o755)
@@ -59,6 +64,7 @@ class HelloBundles:
         stage = self.workdir / f"stage-{self._serial}"
         stage.mkdir()
         value = json.loads((HELLO / "manifest.json").read_text())
+        value["name"] = self.name
         value["version"] = version
         value.update(manifest or {})
         (stage / "manifest.json").write_text(json.dumps(value))

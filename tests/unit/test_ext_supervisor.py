@@ -18,7 +18,10 @@ from qga.ext.supervisor import FAILED, RESTARTING, RUNNING, STARTING, STOPPED, S
 from qga.loop import Loop
 
 ROOT = os.geteuid() == 0
-NAMES = ("t-sup", "t-sup-tree")
+# Per test run: runs side by side must not share (and kill) each other's users.
+SUP = f"t-sup-{os.getpid()}"
+TREE_NAME = f"t-sup-tree-{os.getpid()}"
+NAMES = (SUP, TREE_NAME)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,7 +42,7 @@ def workdir():
 
 
 class Rig:
-    def __init__(self, workdir, script, name="t-sup", limits=None, ready_timeout=5.0):
+    def __init__(self, workdir, script, name=SUP, limits=None, ready_timeout=5.0):
         self.workdir = workdir
         self.loop = Loop()
         self.frozen = False
@@ -124,7 +127,7 @@ def test_start_runs_it_scrubbed_in_its_own_session_as_its_own_user(rig_factory, 
     env = seen["env"]
     assert set(env) == {"QGA_EXT_NAME", "QGA_EXT_SOCKET", "QGA_EXT_DIR", "QGA_EXT_STATE",
                         "QGA_EXT_SETTINGS", "QGA_EXT_RUNTIME", "PATH", "LANG", "HOME"}
-    assert env["QGA_EXT_NAME"] == "t-sup" and env["HOME"] == str(rig.state)
+    assert env["QGA_EXT_NAME"] == SUP and env["HOME"] == str(rig.state)
     assert seen["argv"][1:] == ["--flag"]
     assert seen["cwd"] == str(rig.workdir / "bundle")
     assert seen["sid"] == rig.supervisor.pid  # a new session: it leads its own tree
@@ -134,7 +137,8 @@ def test_start_runs_it_scrubbed_in_its_own_session_as_its_own_user(rig_factory, 
         import pwd
 
         user = pwd.getpwuid(seen["uid"])
-        assert user.pw_name == "qga-ext-t-sup" and user.pw_shell.endswith(("nologin", "false"))
+        assert user.pw_name == launch.user_name(SUP)
+        assert user.pw_shell.endswith(("nologin", "false"))
         assert seen["groups"] == [grp.getgrnam("qga-ext").gr_gid]
     assert rig.run_until(lambda: "started" in rig.supervisor.output_tail)
     limits = Path(f"/proc/{rig.supervisor.pid}/limits").read_text()
@@ -225,21 +229,26 @@ time.sleep(60)
 
 
 def test_stop_kills_the_whole_tree(rig_factory):
-    rig = rig_factory(TREE, name="t-sup-tree")
+    rig = rig_factory(TREE, name=TREE_NAME)
     rig.supervisor.start()
     tail = rig.supervisor.output_tail
     assert rig.run_until(lambda: "tree" in tail and "daemon" in tail)
     leader = rig.supervisor.pid
-    members = {pid for pid in launch.tree_members(leader, rig.supervisor.process.spec.identity.uid)
-               if not _zombie_or_gone(pid)}
-    # The leader, its child, and (as root, by its user) the daemon that left the session.
-    assert len(members) == (3 if ROOT else 2), members
+    uid = rig.supervisor.process.spec.identity.uid
+
+    def members():
+        return {pid for pid in launch.tree_members(leader, uid) if not _zombie_or_gone(pid)}
+
+    # The leader, its child, and (as root, by its user) the daemon that left the
+    # session, once the daemon's first parent is gone.
+    assert rig.run_until(lambda: len(members()) == (3 if ROOT else 2)), members()
+    found = members()
     stopped = []
     rig.supervisor.stop(lambda: stopped.append(True))
     assert rig.run_until(lambda: stopped, timeout=5)
     assert rig.supervisor.state == STOPPED
     time.sleep(0.1)
-    alive = [pid for pid in members if Path(f"/proc/{pid}").exists() and not _zombie_or_gone(pid)]
+    alive = [pid for pid in found if Path(f"/proc/{pid}").exists() and not _zombie_or_gone(pid)]
     assert alive == []
 
 
@@ -265,7 +274,7 @@ def test_a_program_that_cannot_start_is_a_failure(rig_factory, workdir):
     rig.supervisor.prepare = broken
     rig.supervisor.start(health=rig.health.append)
     assert rig.run_until(lambda: rig.health)
-    assert "cannot start extension t-sup" in rig.health[0]
+    assert f"cannot start extension {SUP}" in rig.health[0]
     assert rig.supervisor.state == FAILED
 
 
