@@ -414,7 +414,7 @@ class Extensions:
 
 def _check_reachable(path: str) -> None:
     """Refuse, with the reason, a bundle its user could not reach (a 0700 state directory)."""
-    parent = os.path.dirname(path)
+    parent = os.path.dirname(os.path.realpath(path))  # the directories really traversed
     while parent and parent != "/":
         if not os.stat(parent).st_mode & 0o001:
             raise ExtensionRunError(f"extension users cannot reach {path}: {parent} is not"
