@@ -8,6 +8,7 @@ are built and signed with qga-bundle (tests/support/ext_hello.py).  As root
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -264,3 +265,45 @@ def test_a_state_directory_its_users_cannot_reach_is_a_clear_failure(guest, bund
     assert record["state"] == "failed"
     assert "extension users cannot reach" in record["error"]
     assert "need at least mode 0711" in record["error"]
+
+
+def test_hostile_pushes_are_refused_and_leave_nothing(guest, bundles):
+    client = guest.client
+    store = guest.workdir / "state" / "extensions"
+    good = bundles.build("1.0.0", counter=70)
+    data = good.read_bytes()
+    statement, signature = (Path(str(good) + suffix).read_bytes()
+                            for suffix in (".statement", ".sig"))
+
+    def install(archive, statement=statement, signature=signature, complete=True):
+        upload = client.call("guest-extension-upload", {"size": len(archive)})["upload"]
+        chunk = archive if complete else archive[:len(archive) // 2]
+        client.call("guest-extension-upload", {"upload": upload, "offset": 0,
+                                               "data": base64.b64encode(chunk).decode()})
+        return client.call("guest-extension-install", {
+            "upload": upload, "statement": base64.b64encode(statement).decode(),
+            "signature": base64.b64encode(signature).decode()})
+
+    tampered = bytearray(data)
+    tampered[len(tampered) // 2] ^= 0xFF
+    forged = bytearray(signature)
+    forged[0] ^= 0xFF
+    other = bundles.build("1.0.0", counter=71, manifest={"name": "evil"})
+    other_statement = Path(str(other) + ".statement").read_bytes()
+    other_signature = Path(str(other) + ".sig").read_bytes()
+    cases = [
+        (lambda: install(data, complete=False), "has .* of its .* bytes"),
+        (lambda: install(bytes(tampered)), "SHA-256 differs"),
+        (lambda: install(data, signature=bytes(forged)), "signature"),
+        (lambda: install(other.read_bytes(), other_statement, other_signature),
+         "may not sign extension 'evil'"),
+        (lambda: install(data + b"\x00"), "the statement says"),  # one byte appended
+    ]
+    for attempt, refusal in cases:
+        with pytest.raises(AgentError, match=refusal):
+            attempt()
+        client.ping()
+    assert client.ext_list() == []
+    assert [name for name in os.listdir(store) if name not in ("index.json", "staging")] == []
+    assert len(os.listdir(store / "staging")) == 1  # only the incomplete upload, resumable
+    assert client.push(good)["state"] == "done"  # and the real one still goes in
