@@ -94,6 +94,13 @@ def guest(bundles):
     running.close()
 
 
+# "Keeps answering" means a ping comes back while the extension misbehaves, not
+# that it is fast: on a loaded 2-core CI machine (a TCG guest may hold one
+# core) a healthy agent's ping can take a few hundred ms, a starved one never
+# comes back.
+ANSWERING = 2.0  # seconds
+
+
 def ping_time(client):
     started = time.monotonic()
     client.ping()
@@ -113,7 +120,7 @@ def test_a_crash_loop_ends_in_failed_and_the_agent_keeps_answering(guest, bundle
     assert status["state"] == "failed", status
     assert status["restarts"] == 4 and "gave up after 5 failures" in status["last-error"]
     assert "was killed" not in status["last-error"] and "status 4" in status["last-error"]
-    assert max(latencies) < 0.5
+    assert max(latencies) < ANSWERING
     with pytest.raises(AgentError, match=f"extension {NAME} is failed"):
         client.ext_call(NAME, "greet")
     client.ext_start(NAME)  # the host may try again
@@ -134,10 +141,10 @@ def test_a_hung_extension_times_out_and_is_killed(guest, bundles):
     assert 0.9 < time.monotonic() - started < 3
     with pytest.raises(AgentError, match="within 0.2 s"):
         client.ext_call(NAME, "greet", timeout=0.2)
-    assert ping_time(client) < 0.5
+    assert ping_time(client) < ANSWERING
     with pytest.raises(AgentError, match="did not answer 'echo'"):
         client.ext_call(NAME, "echo")  # now the process is stuck for good
-    assert ping_time(client) < 0.5
+    assert ping_time(client) < ANSWERING
     pid = guest.status()["pid"]
     started = time.monotonic()
     client.ext_stop(NAME)  # SIGTERM is ignored: SIGKILL after the grace time
@@ -153,7 +160,7 @@ def test_an_event_flood_is_bounded_and_the_agent_keeps_answering(guest, bundles)
     time.sleep(1.0)
     latencies += [ping_time(client) for _ in range(20)]
     print(f"guest-ping under a flood: max {max(latencies) * 1000:.1f} ms")
-    assert max(latencies) < 0.5, latencies
+    assert max(latencies) < ANSWERING, latencies
     status = guest.status()
     assert status["state"] == "running"
     assert status["events-dropped"] > 0
@@ -172,7 +179,7 @@ def test_an_oversized_frame_restarts_the_extension(guest, bundles):
     status = guest.status()
     assert status["restarts"] >= 1
     assert "broke the protocol: a frame longer than 1048576 bytes" in guest.log()
-    assert ping_time(client) < 0.5
+    assert ping_time(client) < ANSWERING
 
 
 # -- SIGKILL of the agent during an install --------------------------------------------------
