@@ -87,10 +87,10 @@ CAPABILITIES = {
     # The extension may emit events; the core queues them (bounded, rate
     # limited) for guest-extension-events.  Required by a non-empty "events".
     "events": "emit events the host reads with guest-extension-events",
-    # The core binds a Unix socket that only root may connect to and hands
-    # the listening fd to the extension: root clients (the SSO PAM module)
-    # reach an extension that does not itself run as root.
-    "root-socket": "serve root-only clients on a socket the core binds for it",
+    # The core keeps a credential behind a one-time token on a socket only
+    # root may connect to (the primitive sso-offer-credentials): the SSO PAM
+    # module fetches it, and the extension never runs as root.
+    "root-socket": "hand a credential to root-only clients through the core (sso-offer-credentials)",
     # The sandbox lets the extension reach the D-Bus system bus.
     "system-bus": "connect to the D-Bus system bus",
     # The sandbox lets the extension open IP sockets (denied otherwise).
