@@ -11,7 +11,6 @@ util-linux and kills its writer on the way out, whatever happened.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
