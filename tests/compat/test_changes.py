@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import pytest
 
-from tests.support.agents import AgentProcess, our_agent, qemu_ga_available, real_qemu_ga
+from tests.support.agents import our_agent, qemu_ga_available, real_qemu_ga
 from tests.support.loopfs import fence_env, freeze_list_request, loopfs  # noqa: F401
 from tests.support.users import throwaway_user  # noqa: F401
 
