@@ -5,34 +5,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from qga.ext.launch import user_name
 from qga.host import cli
-from tests.integration.test_extensions_e2e import ROOT, Guest
-from tests.support.ext_hello import HelloBundles, NAME, REPO
-
-
-@pytest.fixture(scope="module")
-def bundles():
-    workdir = Path(tempfile.mkdtemp(prefix="qga-client-"))
-    os.chmod(workdir, 0o755)
-    yield HelloBundles(workdir, name=NAME)
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def remove_users():
-    yield
-    if ROOT:
-        subprocess.run(["userdel", user_name(NAME)], capture_output=True)
+from tests.integration.test_extensions_e2e import Guest
+from tests.support.ext_hello import NAME, REPO
 
 
 @pytest.fixture

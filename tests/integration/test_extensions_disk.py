@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,28 +17,12 @@ import pytest
 
 from qga.errors import AgentError
 from qga.ext.install import RESERVE_BYTES
-from qga.ext.launch import user_name
-from tests.integration.test_extensions_e2e import ROOT, Guest
+from tests.integration.test_extensions_e2e import Guest
 from tests.integration.test_extensions_faults import SLOW_READY, check_consistent
-from tests.support.ext_hello import NAME, HelloBundles
+from tests.support.ext_hello import NAME
 from tests.support.loopfs import fence_env, freeze_list_request, loopfs  # noqa: F401
 
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def bundles():
-    workdir = Path(tempfile.mkdtemp(prefix="qga-disk-"))
-    os.chmod(workdir, 0o755)
-    yield HelloBundles(workdir, name=NAME)
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def remove_users():
-    yield
-    if ROOT:
-        subprocess.run(["userdel", user_name(NAME)], capture_output=True)
 
 
 @pytest.fixture

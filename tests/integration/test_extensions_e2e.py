@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from qga.errors import AgentError
 from qga.ext.launch import user_name
 from qga.host.client import Client
 from tests.support.agents import our_agent
-from tests.support.ext_hello import HelloBundles, NAME, agent_config
+from tests.support.ext_hello import NAME, agent_config
 
 ROOT = os.geteuid() == 0
 
@@ -34,22 +33,6 @@ sock.sendall(b'{"hello": "control", "version": 1}\\n')
 time.sleep(3600)
 """
 CRASHES = "import sys\nprint('broken build', flush=True)\nsys.exit(3)\n"
-
-
-@pytest.fixture(scope="module")
-def bundles():
-    workdir = Path(tempfile.mkdtemp(prefix="qga-hello-"))
-    os.chmod(workdir, 0o755)
-    builder = HelloBundles(workdir, name=NAME)
-    yield builder
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def remove_users():
-    yield
-    if ROOT:
-        subprocess.run(["userdel", user_name(NAME)], capture_output=True)
 
 
 class Guest:

@@ -13,19 +13,15 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import socket
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from qga.errors import AgentError
 from qga.ext.launch import user_name
 from tests.integration.test_extensions_e2e import ROOT, Guest, alive
-from tests.support.ext_hello import HelloBundles, NAME, detached
+from tests.support.ext_hello import NAME, detached
 
 SDK_PRELUDE = "import os, sys, time\nimport qga_ext_sdk as sdk\nextension = sdk.Extension()\n"
 
@@ -69,21 +65,6 @@ SLOW_READY = SDK_PRELUDE + """
 extension.loop.call_later(3.0, extension.ready)
 sys.exit(extension.run(ready=False))
 """
-
-
-@pytest.fixture(scope="module")
-def bundles():
-    workdir = Path(tempfile.mkdtemp(prefix="qga-faults-"))
-    os.chmod(workdir, 0o755)
-    yield HelloBundles(workdir, name=NAME)
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def remove_users():
-    yield
-    if ROOT:
-        subprocess.run(["userdel", user_name(NAME)], capture_output=True)
 
 
 @pytest.fixture

@@ -1,0 +1,25 @@
+"""Fixtures shared by the extension tests that run the hello example through the agent."""
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from qga.ext.launch import user_name
+from tests.support.ext_hello import NAME, HelloBundles
+
+
+@pytest.fixture(scope="module")
+def bundles(request):
+    """Signed hello bundles built on demand, in a directory the extension user can read."""
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    workdir = Path(tempfile.mkdtemp(prefix=f"qga-{module}-"))
+    os.chmod(workdir, 0o755)
+    yield HelloBundles(workdir, name=NAME)
+    shutil.rmtree(workdir, ignore_errors=True)
+    if os.geteuid() == 0:
+        # The agent creates the extension's system user when it runs as root.
+        subprocess.run(["userdel", user_name(NAME)], capture_output=True)
