@@ -40,11 +40,11 @@ import errno as errno_codes
 import fcntl
 import logging
 import os
-import stat
 import struct
-from typing import List, NamedTuple, Optional
+from typing import List, Optional
 
 from qga.commands import command
+from qga.commands.storage import FsMount, local_mounts as storage_mounts
 from qga.commands.sysutil import run_forked_helper
 from qga.errors import CommandError, StateError
 from qga.log import audit
@@ -68,83 +68,19 @@ UINT64 = 1 << 64
 # -- the mount list ----------------------------------------------------------------
 
 
-class Mount(NamedTuple):
-    """One local filesystem from the mount table."""
+def local_mounts(mountinfo: str = MOUNTINFO) -> List[FsMount]:
+    """The local filesystems, in mount order, like qemu-ga's build_fs_mount_list.
 
-    dirname: str
-    devtype: str
-    devmajor: int
-    devminor: int
-
-
-def local_mounts(mountinfo: str = MOUNTINFO) -> List[Mount]:
-    """The local filesystems, in mount order, like qemu-ga's build_fs_mount_list."""
-    try:
-        with open(mountinfo, "rb") as source:
-            lines = source.read().splitlines()
-    except OSError:
-        raise CommandError("failed to open mtab file: '/proc/self/mounts'") from None
-    mounts = [mount for mount in map(_parse_mountinfo_line, lines) if mount is not None]
+    The parsing is guest-get-fsinfo's (:func:`qga.commands.storage.local_mounts`);
+    this adds the test fence: with ``QGA_TEST_MOUNTPOINTS`` set (tests only),
+    nothing outside those mountpoints is ever frozen or trimmed.
+    """
+    mounts = storage_mounts(mountinfo)
     fence = os.environ.get(FENCE_VARIABLE)
     if fence is not None:
         allowed = set(fence.split(":"))
         mounts = [mount for mount in mounts if mount.dirname in allowed]
     return mounts
-
-
-def _parse_mountinfo_line(line: bytes) -> Optional[Mount]:
-    fields = line.split(b" ")
-    try:
-        major_text, minor_text = fields[2].split(b":")
-        devmajor, devminor = int(major_text), int(minor_text)
-        separator = fields.index(b"-", 6)
-        devtype, source = fields[separator + 1], fields[separator + 2]
-    except (IndexError, ValueError):
-        return None
-    dirname = os.fsdecode(decode_mount_name(fields[4]))
-    devtype_text = os.fsdecode(devtype)
-    if devmajor == 0:
-        # btrfs reports major 0; it counts when its source is a block device.
-        if devtype_text != "btrfs":
-            return None
-        numbers = _block_device_numbers(os.fsdecode(decode_mount_name(source)))
-        if numbers is None:
-            return None
-        devmajor, devminor = numbers
-    return Mount(dirname, devtype_text, devmajor, devminor)
-
-
-def decode_mount_name(name: bytes) -> bytes:
-    """Undo the kernel's escapes: ``\\\\`` and three octal digits (``\\040``)."""
-    out = bytearray()
-    i = 0
-    while i < len(name):
-        byte = name[i]
-        if byte == 0x5C and name[i + 1:i + 2] == b"\\":
-            out.append(0x5C)
-            i += 2
-        elif byte == 0x5C and _is_octal_escape(name[i + 1:i + 4]):
-            out.append(int(name[i + 1:i + 4], 8))
-            i += 4
-        else:
-            out.append(byte)
-            i += 1
-    return bytes(out)
-
-
-def _is_octal_escape(digits: bytes) -> bool:
-    return (len(digits) == 3 and 0x30 <= digits[0] <= 0x33
-            and all(0x30 <= digit <= 0x37 for digit in digits[1:]))
-
-
-def _block_device_numbers(path: str):
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    if not stat.S_ISBLK(info.st_mode):
-        return None  # a directory (bind mount) or anything else
-    return os.major(info.st_rdev), os.minor(info.st_rdev)
 
 
 def _open_mountpoint(dirname: str) -> int:
@@ -259,7 +195,7 @@ class FreezeService:
     # -- the ioctls -------------------------------------------------------------
 
     @staticmethod
-    def _freeze_mounts(mounts: List[Mount], mountpoints: Optional[List[str]]) -> int:
+    def _freeze_mounts(mounts: List[FsMount], mountpoints: Optional[List[str]]) -> int:
         wanted = None if mountpoints is None else set(mountpoints)
         frozen = 0
         for mount in reversed(mounts):
@@ -375,7 +311,7 @@ class TrimService:
 class _TrimJob:
     """The worker's side: trims mounts in order until done or abandoned."""
 
-    def __init__(self, mounts: List[Mount], minimum: int) -> None:
+    def __init__(self, mounts: List[FsMount], minimum: int) -> None:
         import threading
 
         self._mounts = mounts

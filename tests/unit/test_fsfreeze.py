@@ -16,8 +16,8 @@ import pytest
 
 from qga.commands import Context
 from qga.commands import fsfreeze
-from qga.commands.fsfreeze import (FreezeService, TrimService, decode_mount_name,
-                                   local_mounts)
+from qga.commands.fsfreeze import FreezeService, TrimService, local_mounts
+from qga.commands.storage import FsMount, decode_mount_name
 from qga.config import Config
 from qga.errors import CommandError
 from qga.loop import Loop
@@ -295,7 +295,7 @@ def test_failed_freeze_thaws_what_it_froze(statedir, loopfs, monkeypatch, tmp_pa
     vanished = str(tmp_path / "vanished")
     # Frozen in reverse order: the loop mount first, then the one that fails.
     ctx.service(FreezeService).list_mounts = lambda: [
-        fsfreeze.Mount(vanished, "ext4", 7, 1), fsfreeze.Mount(loopfs.path, "ext4", 7, 0)]
+        FsMount(vanished, "ext4", 7, 1), FsMount(loopfs.path, "ext4", 7, 0)]
     with pytest.raises(CommandError) as raised:
         fsfreeze.fsfreeze_freeze_list(ctx, mountpoints=[loopfs.path, vanished])
     assert raised.value.desc == f"failed to open {vanished}: No such file or directory"
