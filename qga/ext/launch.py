@@ -31,7 +31,17 @@ command line is checked by unit tests only.
 
 **The environment** is scrubbed: the ``QGA_EXT_*`` variables of
 :mod:`qga.ext.wire`, a fixed ``PATH``, ``LANG=C.UTF-8`` and ``HOME`` (the
-extension's state directory); nothing of the agent's environment.
+extension's state directory); nothing of the agent's environment, except,
+for an extension with ``system-bus``, the agent's ``DBUS_SYSTEM_BUS_ADDRESS``
+when it has one, so the extension finds the same system bus as the agent.
+
+**The system bus learns of a new user.**  A D-Bus policy that names a user
+(``contrib/dbus`` names ``qga-ext-ovirt-guest-agent``) is resolved when the
+bus reads its configuration: a user created later is unknown to the bus
+until it reloads.  So when the agent creates the user of an extension with
+``system-bus``, it asks the bus to reload (``ReloadConfig``, allowed to root,
+through ``dbus-send``); without a bus or the tool the agent logs what the
+admin must do and goes on.
 
 **Stopping kills the whole tree**: SIGTERM to the process group, then, when
 the leader is gone or after the grace time, SIGKILL to every process of its
@@ -59,6 +69,7 @@ MAX_USER_NAME = 32
 RUNTIME_GROUP = "qga-ext"
 COMMAND_TIMEOUT = 10.0   # useradd, groupadd, systemctl: never longer
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SYSTEM_BUS_VARIABLE = "DBUS_SYSTEM_BUS_ADDRESS"
 NOLOGIN_SHELLS = ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false")
 PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
 PR_SET_PDEATHSIG = 1
@@ -106,8 +117,11 @@ def user_name(extension: str) -> str:
     return f"{USER_PREFIX}{extension[:keep]}-{digest}"
 
 
-def identity_for(extension: str) -> Identity:
-    """The extension's own user (created if missing) when we are root; else ours."""
+def identity_for(extension: str, capabilities: Iterable[str] = ()) -> Identity:
+    """The extension's own user (created if missing) when we are root; else ours.
+
+    ``capabilities`` are the extension's: with ``system-bus`` a new user is
+    announced to the system bus (see the module's docstring)."""
     if os.geteuid() != 0:
         return AGENT_IDENTITY
     import grp
@@ -127,6 +141,8 @@ def identity_for(extension: str) -> Identity:
             raise ExtensionRunError(f"user {name} was created but cannot be found") from None
         log.info("created system user %s (uid %d) for extension %s", name, entry.pw_uid,
                  extension)
+        if "system-bus" in capabilities:
+            reload_system_bus(name)
     if entry.pw_uid == 0 or entry.pw_gid == 0:
         raise ExtensionRunError(f"user {name} is root or in root's group; refusing to run"
                                 f" extension {extension} as it")
@@ -140,6 +156,26 @@ def runtime_group() -> Optional[int]:
     import grp
 
     return _ensure_group(grp)
+
+
+def reload_system_bus(user: str) -> None:
+    """Ask the system bus to read its configuration again, so policies naming ``user`` apply."""
+    argv = ["dbus-send", "--system", "--print-reply", "--dest=org.freedesktop.DBus",
+            "/org/freedesktop/DBus", "org.freedesktop.DBus.ReloadConfig"]
+    try:
+        _run_tool(argv, "cannot reload the system bus configuration",
+                  _bus_environment(os.environ))
+    except ExtensionRunError as error:
+        log.warning("%s; D-Bus policies naming %s apply after 'systemctl reload dbus'",
+                    error, user)
+    else:
+        log.info("the system bus reloaded its configuration for the new user %s", user)
+
+
+def _bus_environment(environ: Dict[str, str]) -> Dict[str, str]:
+    """The agent's system bus address, if it has one of its own."""
+    address = environ.get(SYSTEM_BUS_VARIABLE)
+    return {SYSTEM_BUS_VARIABLE: address} if address else {}
 
 
 def _ensure_group(grp) -> int:
@@ -157,14 +193,14 @@ def _nologin() -> str:
     return next((shell for shell in NOLOGIN_SHELLS if os.path.exists(shell)), "/bin/false")
 
 
-def _run_tool(argv: List[str], what: str) -> None:
+def _run_tool(argv: List[str], what: str, extra_env: Optional[Dict[str, str]] = None) -> None:
     """Run a system tool with a bounded wait; ExtensionRunError with its message on failure."""
     import subprocess
 
     try:
         result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, timeout=COMMAND_TIMEOUT, check=False,
-                                env={"PATH": SAFE_PATH, "LANG": "C"})
+                                env=dict({"PATH": SAFE_PATH, "LANG": "C"}, **(extra_env or {})))
     except subprocess.TimeoutExpired:
         raise ExtensionRunError(f"{what}: {argv[0]} took more than {COMMAND_TIMEOUT:g} s"
                                 ) from None
@@ -196,13 +232,17 @@ def build_argv(entry_point, bundle_dir: str, python: str) -> List[str]:
 
 
 def build_env(name: str, socket_path: str, bundle_dir: str, state_dir: str,
-              settings_path: str, runtime_dir: str) -> Dict[str, str]:
-    return {
+              settings_path: str, runtime_dir: str,
+              capabilities: Iterable[str] = ()) -> Dict[str, str]:
+    env = {
         wire.ENV_NAME: name, wire.ENV_SOCKET: socket_path, wire.ENV_DIR: bundle_dir,
         wire.ENV_STATE: state_dir, wire.ENV_SETTINGS: settings_path,
         wire.ENV_RUNTIME: runtime_dir, "PATH": SAFE_PATH, "LANG": "C.UTF-8",
         "HOME": state_dir,
     }
+    if "system-bus" in capabilities:
+        env.update(_bus_environment(os.environ))
+    return env
 
 
 # -- /proc ---------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ class Runtime:
 
     def _prepare(self) -> launch.LaunchSpec:
         manager = self.manager
-        identity = launch.identity_for(self.name)
+        identity = launch.identity_for(self.name, self.manifest.capabilities)
         state_dir = manager.store.state_dir(self.name)
         bundle_dir = manager.store.bundle_dir(self.name, self.version_id)
         if identity.own_user:
@@ -124,7 +124,7 @@ class Runtime:
         if self.relay is not None and self.relay.port is None:
             self.relay.open()
         env = launch.build_env(self.name, self.socket_path, bundle_dir, state_dir,
-                               self.settings_path, self.runtime_dir)
+                               self.settings_path, self.runtime_dir, self.manifest.capabilities)
         argv = launch.build_argv(self.manifest.entry_point, bundle_dir, manager.python)
         return launch.LaunchSpec(self.name, argv, env, bundle_dir, identity,
                                  self.manifest.limits, self.manifest.capabilities,

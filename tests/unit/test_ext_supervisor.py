@@ -302,3 +302,20 @@ def test_the_systemd_command_line():
         assert f"--property={item}" in argv
     assert "--setenv=QGA_EXT_NAME=hello" in argv
     assert argv[argv.index("--"):] == ["--", "/usr/bin/python3", "-s", "/b/hello.py"]
+
+
+def test_only_a_system_bus_extension_learns_the_agents_bus_address(monkeypatch):
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/private/bus")
+    paths = ("hello", "/r/hello.sock", "/b", "/s", "/s/settings.json", "/r/hello")
+    assert "DBUS_SYSTEM_BUS_ADDRESS" not in launch.build_env(*paths, frozenset({"network"}))
+    env = launch.build_env(*paths, frozenset({"system-bus"}))
+    assert env["DBUS_SYSTEM_BUS_ADDRESS"] == "unix:path=/run/private/bus"
+    monkeypatch.delenv("DBUS_SYSTEM_BUS_ADDRESS")
+    assert "DBUS_SYSTEM_BUS_ADDRESS" not in launch.build_env(*paths, frozenset({"system-bus"}))
+
+
+def test_a_bus_that_cannot_reload_is_a_warning_not_a_failure(monkeypatch, caplog, workdir):
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={workdir}/no-bus")
+    launch.reload_system_bus("qga-ext-hello")
+    [record] = [r for r in caplog.records if "systemctl reload dbus" in r.getMessage()]
+    assert record.levelname == "WARNING" and "qga-ext-hello" in record.getMessage()
