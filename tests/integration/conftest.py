@@ -1,4 +1,4 @@
-"""Fixtures shared by the extension tests that run the hello example through the agent."""
+"""Fixtures shared by the extension tests that run hello or the oVirt extension in the agent."""
 
 import os
 import shutil
@@ -23,3 +23,15 @@ def bundles(request):
     if os.geteuid() == 0:
         # The agent creates the extension's system user when it runs as root.
         subprocess.run(["userdel", user_name(NAME)], capture_output=True)
+
+
+@pytest.fixture
+def ovirt_workdir():
+    """A work directory for an agent running the oVirt extension (reachable by its user)."""
+    from tests.support.ovirt_bundle import NAME as OVIRT
+    workdir = Path(tempfile.mkdtemp(prefix="qga-ovirt-"))
+    os.chmod(workdir, 0o755)     # the extension's user must reach its code below it
+    yield workdir
+    shutil.rmtree(workdir, ignore_errors=True)
+    if os.geteuid() == 0:
+        subprocess.run(["userdel", user_name(OVIRT)], capture_output=True)

@@ -14,31 +14,17 @@ refused primitive, the extension killed and restarted by the supervisor
 
 from __future__ import annotations
 
-import json
 import os
-import pty
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import time
-import tty
 from pathlib import Path
-
-import pytest
 
 from qga.host.client import Client
 from tests.support.agents import our_agent
-from tests.support.ext_hello import agent_config, bundle_tool
+from tests.support.ext_hello import agent_config
 from tests.support.fake_vdsm import PtyVdsm, validate
+from tests.support.ovirt_bundle import NAME, pty_port, signed_bundle
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "extensions" / "ovirt_sso"))
-
-import build  # noqa: E402  (extensions/ovirt_sso/build.py)
-
-NAME = "ovirt-guest-agent"
 TICK = 0.2
 STARTUP_V0 = ["session-startup", "host-name", "os-version", "network-interfaces",
               "active-user", "applications", "fqdn"]
@@ -46,49 +32,10 @@ BURST_V3 = ["session-startup", "active-user", "applications", "containers", "hos
             "os-version", "network-interfaces", "disks-usage", "fqdn", "timezone", "os-info"]
 
 
-@pytest.fixture
-def workdir():
-    directory = Path(tempfile.mkdtemp(prefix="qga-ovirt-"))
-    os.chmod(directory, 0o755)     # the extension's user must reach its code below it
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-    if os.geteuid() == 0:
-        from qga.ext.launch import user_name
-        subprocess.run(["userdel", user_name(NAME)], capture_output=True)
-
-
-def signed_bundle(workdir: Path) -> Path:
-    """The bundle as build.py stages it, its loop 5 times faster, signed with a new key."""
-    bundle_tool("keygen", workdir / "vendor", "--names", NAME)
-    trust = workdir / "trust.d"
-    trust.mkdir(mode=0o755)
-    shutil.move(str(workdir / "vendor.json"), trust / "vendor.json")
-    os.chmod(trust / "vendor.json", 0o644)
-    stage = workdir / "stage"
-    stage.mkdir()
-    build.stage(str(stage))
-    manifest = json.loads((stage / "manifest.json").read_text())
-    manifest["settings"]["defaults"]["tick_interval"] = TICK
-    (stage / "manifest.json").write_text(json.dumps(manifest))
-    output = workdir / f"{NAME}.qgb"
-    bundle_tool("build", stage, "-o", output)
-    bundle_tool("sign", output, "--key", workdir / "vendor.key", "--counter", 3)
-    return output
-
-
-def port(workdir: Path) -> int:
-    """A pty in the ports directory as ovirt-guest-agent.0; its master (the host end)."""
-    master, slave = pty.openpty()
-    tty.setraw(slave)              # the settings stay with the pty
-    (workdir / "ports").mkdir(exist_ok=True)
-    os.symlink(os.ttyname(slave), workdir / "ports" / "ovirt-guest-agent.0")
-    os.close(slave)
-    return master
-
-
-def test_push_negotiate_heartbeat_and_relay(workdir):
-    bundle = signed_bundle(workdir)
-    master = port(workdir)
+def test_push_negotiate_heartbeat_and_relay(ovirt_workdir):
+    workdir = ovirt_workdir
+    bundle = signed_bundle(workdir, {"tick_interval": TICK})
+    master = pty_port(workdir)
     env = agent_config(workdir, workdir / "trust.d")
     agent = our_agent(workdir, ["-v"], env=env).start()
     client = Client(agent.sock, timeout=60)

@@ -1,13 +1,17 @@
-"""Single sign-on end to end: a host's login -> the D-Bus signal -> the PAM conversation.
+"""Single sign-on, the extension's side against the core's primitive: login -> signal -> PAM.
 
-Every part is the real one except the core's extension proxy, which is not
-there yet: a stand-in here speaks qga.ext.wire's control connection and
-serves the ``sso-offer-credentials`` primitive with qga.ext.credentials, as
-the proxy will.  The extension is its own process, from a directory laid out
-as a bundle would be (sso.py beside ovirt_agent/dbus.py and a copy of the SDK), and runs unprivileged
-(as nobody) when the test runs as root; the core side and pamtester run as
-root; the login screen is a subscriber on a private system bus that hands the
-token to pamtester, as gnome-shell hands it to the PAM service.
+The whole flow through the real agent is ``test_sso_host_flow.py``.  Here the
+core's end of the extension's control connection is a stand-in that speaks
+qga.ext.wire and serves ``sso-offer-credentials`` with
+qga.ext.credentials in the test's own loop, so each case drives one login
+directly: a second login superseding the first, a login the core refuses,
+the real password check, without an agent and a push per case.  The
+extension is its own process, from a directory laid out as a bundle would be
+(sso.py beside ovirt_agent/dbus.py and a copy of the SDK), and runs
+unprivileged (as nobody) when the test runs as root; the core side and
+pamtester run as root; the login screen is a subscriber on a private system
+bus that hands the token to pamtester, as gnome-shell hands it to the PAM
+service.
 """
 
 from __future__ import annotations
