@@ -13,8 +13,15 @@ goes into it (package versions, the init script, this recipe's version):
 * Debian's ``/usr/bin/python3.11`` and its standard library, and
   ``/usr/sbin/qemu-ga``, are copied from this (Debian) machine together with
   every shared library ``ldd`` lists for them;
+* the real account tools: ``useradd`` and ``groupadd`` from Debian's
+  ``passwd`` package, ``/etc/login.defs`` and ``nologin`` from ``login``
+  (fetched and unpacked the same way, their shared libraries copied as
+  ``ldd`` lists them), with ``/etc/passwd``, ``group``, ``shadow`` and
+  ``gshadow`` for them to edit: our agent creates each extension's system
+  user with them when it runs as root;
 * the kernel command line picks the agent (``qga_agent=qga|qemu-ga``), so
-  one image serves both.
+  one image serves both, and says how many virtio-serial ports to name
+  (``qga_ports=N``).
 
 Our agent's source is not part of the cached image: :func:`agent_overlay`
 packs the live checkout into a small second cpio that is appended to the
@@ -45,7 +52,7 @@ INIT_SCRIPT = Path(__file__).with_name("guest_init.sh")
 CHPASSWD_SCRIPT = Path(__file__).with_name("guest_chpasswd.sh")
 
 # Bump when the recipe below changes in a way the inputs do not show.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 PYTHON = "/usr/bin/python3.11"
 QEMU_GA = "/usr/sbin/qemu-ga"
@@ -54,6 +61,13 @@ QEMU_GA = "/usr/sbin/qemu-ga"
 # are added by apt's resolver.
 DEPENDENCY_PACKAGES = ("python3-psutil", "python3-jsonschema", "python3-cryptography",
                        "python3-serial")
+
+# Files taken from Debian's account packages (the rest, such as passwd's own
+# chpasswd, would replace the image's stand-ins or is never used).
+ACCOUNT_FILES = {
+    "passwd": ("usr/sbin/useradd", "usr/sbin/groupadd", "etc/default/useradd"),
+    "login": ("etc/login.defs", "usr/sbin/nologin"),
+}
 
 # Kernel modules the guest loads (their dependencies are added from modules.dep).
 MODULES = ("virtio_pci", "virtio_console", "virtio_blk", "ext4", "crc32c_generic", "dummy")
@@ -64,6 +78,10 @@ STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3
                "curses", "dbm"}
 
 GUEST_USER = "qgatest"
+
+# python3-cryptography's OpenSSL 3 loads the "legacy" provider at import and
+# fails without it: the provider modules come from this package on the host.
+OPENSSL_PACKAGE = "libssl3"
 
 
 class ImageError(RuntimeError):
@@ -167,7 +185,8 @@ def resolve_inputs() -> Dict[str, object]:
         kernel = _kernel_package()
         if kernel is None:
             raise ImageError("apt knows no linux-image-amd64 even after apt-get update")
-    versions = _candidates([kernel, "busybox-static", *_python_dependency_closure()])
+    versions = _candidates([kernel, "busybox-static", *ACCOUNT_FILES,
+                            *_python_dependency_closure()])
     absent = [package for package, version in versions.items() if version is None]
     if absent:
         raise ImageError("apt has no candidate for " + ", ".join(absent))
@@ -177,7 +196,7 @@ def resolve_inputs() -> Dict[str, object]:
         "downloads": versions,
         "host": {package: _installed_version(package)
                  for package in ("python3.11-minimal", "libpython3.11-stdlib",
-                                 "qemu-guest-agent", "libc6")},
+                                 "qemu-guest-agent", "libc6", OPENSSL_PACKAGE)},
         "scripts": hashlib.sha256(INIT_SCRIPT.read_bytes()
                                   + CHPASSWD_SCRIPT.read_bytes()).hexdigest(),
         "builder": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
@@ -264,6 +283,7 @@ class _Builder:
                 _run(["dpkg", "-x", str(deb), str(self.tree)])
         self._python()
         self._qemu_ga()
+        self._accounts(debs)
         self._etc()
         self.log("writing the cpio")
         with open(self.out / "base.cpio", "wb") as archive:
@@ -358,13 +378,38 @@ class _Builder:
             self._copy_libraries(extension)
         for extension in (self.tree / "usr" / "lib" / "python3").rglob("*.so"):
             self._copy_libraries(extension)
+        self._openssl_modules()
         # Debian's packages ship no bytecode (postinst compiles it): compile
         # here so each guest boot does not.  Same interpreter, same magic.
         _run([PYTHON, "-m", "compileall", "-q", "-j0",
               str(self.tree / "usr" / "lib" / "python3" / "dist-packages")])
 
+    def _openssl_modules(self) -> None:
+        """OpenSSL's provider modules (legacy.so), where libcrypto looks for them."""
+        done = _run(["dpkg-query", "-L", OPENSSL_PACKAGE])
+        modules = [line for line in done.stdout.splitlines()
+                   if "/ossl-modules/" in line and line.endswith(".so")]
+        if not modules:
+            raise ImageError(f"{OPENSSL_PACKAGE} on this machine has no OpenSSL provider modules")
+        for module in modules:
+            self._copy_with_libraries(module)
+
     def _qemu_ga(self) -> None:
         self._copy_with_libraries(QEMU_GA)
+
+    def _accounts(self, debs: Dict[str, Path]) -> None:
+        """useradd, groupadd, nologin, login.defs from Debian's packages, and their libraries."""
+        for package, members in ACCOUNT_FILES.items():
+            unpacked = self.out / package
+            _run(["dpkg", "-x", str(debs[package]), str(unpacked)])
+            for member in members:
+                target = self.tree / member
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(unpacked / member, target)
+                if os.access(target, os.X_OK):
+                    _require_libraries(unpacked / member)
+                    self._copy_libraries(unpacked / member)
+            shutil.rmtree(unpacked)
 
     def _etc(self) -> None:
         etc = self.tree / "etc"
@@ -378,6 +423,9 @@ class _Builder:
         shadow = etc / "shadow"
         shadow.write_text(f"root:*:19000:0:99999:7:::\n{GUEST_USER}:!:19000:0:99999:7:::\n")
         os.chmod(shadow, 0o600)
+        gshadow = etc / "gshadow"  # useradd --user-group keeps it in step with group
+        gshadow.write_text(f"root:*::\n{GUEST_USER}:!::\n")
+        os.chmod(gshadow, 0o600)
         (etc / "localtime").symlink_to("/usr/share/zoneinfo/UTC")
         for directory in ("root", f"home/{GUEST_USER}", "proc", "sys", "dev", "run", "tmp",
                           "mnt", "var", "opt"):
@@ -387,7 +435,9 @@ class _Builder:
         shutdown = self.tree / "sbin" / "shutdown"
         if shutdown.is_symlink() or shutdown.exists():
             shutdown.unlink()
+        # It names its arguments on the console, so a test can tell what asked for it.
         shutdown.write_text("#!/bin/sh\n# Stand-in for the real shutdown: no init system here.\n"
+                            'echo "e2e-shutdown: $*" > /dev/console\n'
                             "sync\nexec poweroff -f\n")
         os.chmod(shutdown, 0o755)
         # guest-set-user-password runs chpasswd, which busybox-static lacks.
@@ -427,6 +477,16 @@ def shared_libraries(binary: Path) -> List[str]:
         elif parts and parts[0].startswith("/"):
             libraries.append(parts[0])  # the dynamic loader, as /lib64/ld-linux-x86-64.so.2
     return libraries
+
+
+def _require_libraries(binary: Path) -> None:
+    """ImageError when ``ldd`` cannot find a library of ``binary`` on this machine."""
+    done = subprocess.run(["ldd", str(binary)], text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+    missing = [line.split()[0] for line in done.stdout.splitlines() if "not found" in line]
+    if missing:
+        raise ImageError(f"{binary.name} needs libraries this machine lacks: "
+                         + ", ".join(missing))
 
 
 def module_load_order(modules_dir: Path, wanted: Iterable[str]) -> List[str]:

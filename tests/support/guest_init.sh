@@ -3,6 +3,8 @@
 #
 # Kernel command line switches (read from /proc/cmdline):
 #   qga_agent=qga|qemu-ga|none   which agent serves the virtio-serial port
+#   qga_ports=N                  how many named virtio-serial ports to wait for
+#                                (default 1: the agent's own)
 # The agent runs in a restart loop, its output on the serial console, so a
 # crash shows up in the console log and the port comes back.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -22,8 +24,18 @@ for module in $(cat /etc/e2e/modules); do
     insmod "/lib/modules/e2e/$module.ko" 2>/dev/null
 done
 
-# No udev here: name the virtio-serial ports ourselves.  The name attribute
-# appears asynchronously shortly after virtio_console is loaded.
+agent=qga
+ports=1
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        qga_agent=*) agent=${word#qga_agent=} ;;
+        qga_ports=*) ports=${word#qga_ports=} ;;
+    esac
+done
+
+# No udev here: name the virtio-serial ports ourselves.  The ports and their
+# name attributes appear asynchronously, one by one, shortly after
+# virtio_console is loaded: wait (200 rounds of 10 ms at most) for all of them.
 mkdir -p /dev/virtio-ports
 tries=0
 while [ $tries -lt 200 ]; do
@@ -33,9 +45,9 @@ while [ $tries -lt 200 ]; do
         name=$(cat "$port/name")
         [ -n "$name" ] || continue
         ln -sf "../$(basename "$port")" "/dev/virtio-ports/$name"
-        found=1
+        found=$((found + 1))
     done
-    [ $found = 1 ] && break
+    [ $found -ge "$ports" ] && break
     tries=$((tries + 1))
     usleep 10000
 done
@@ -55,13 +67,6 @@ mkdir -p /mnt/data
 if [ -b /dev/vda ]; then
     mount -t ext4 /dev/vda /mnt/data
 fi
-
-agent=qga
-for word in $(cat /proc/cmdline); do
-    case "$word" in
-        qga_agent=*) agent=${word#qga_agent=} ;;
-    esac
-done
 
 port=/dev/virtio-ports/org.qemu.guest_agent.0
 mkdir -p /run/qga-state

@@ -6,7 +6,10 @@ Debian's kernel, under TCG (KVM does not work on these machines, see
 and ``QGA_E2E_KVM=1`` asks for it).  The agent port
 ``org.qemu.guest_agent.0`` is a Unix socket chardev in the VM's work
 directory; a small ext4 disk made on the host is attached as ``/dev/vda``
-and mounted at ``/mnt/data`` in the guest.
+and mounted at ``/mnt/data`` in the guest.  More named virtio-serial ports
+(``extra_ports``, e.g. oVirt's ``ovirt-guest-agent.0``) can be added, each a
+chardev socket of its own; the guest's init links them all under
+``/dev/virtio-ports``.
 
 Every QEMU process is started in its own process group and killed by PID
 when the VM is stopped, whatever state it is in.
@@ -20,7 +23,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Mapping, Optional
 
 from tests.support.guest_image import GuestImage, guest_initrd
 
@@ -52,8 +55,9 @@ def make_data_disk(path: Path, size_mib: int = 32) -> Path:
     return path
 
 
-def kernel_cmdline(agent: str) -> str:
-    return f"{KERNEL_CMDLINE} qga_agent={agent}"
+def kernel_cmdline(agent: str, ports: int = 1) -> str:
+    """The command line: the agent to run and how many named ports init waits for."""
+    return f"{KERNEL_CMDLINE} qga_agent={agent} qga_ports={ports}"
 
 
 class QemuVM:
@@ -61,15 +65,19 @@ class QemuVM:
 
     ``workdir`` holds the chardev socket (``agent.sock``), the serial
     console log (``console.log``), the data disk and the initrd.
+    ``extra_ports`` maps more port names to their chardev socket paths
+    (QEMU listens on each, like libvirt's bind-mode channels).
     """
 
     def __init__(self, image: GuestImage, workdir: Path, agent: str = "qga",
-                 memory_mib: int = 512, cpus: int = 1):
+                 memory_mib: int = 512, cpus: int = 1,
+                 extra_ports: Optional[Mapping[str, Path]] = None):
         self.image = image
         self.workdir = workdir
         self.agent = agent
         self.memory_mib = memory_mib
         self.cpus = cpus
+        self.extra_ports: Dict[str, Path] = dict(extra_ports or {})
         self.socket_path = workdir / "agent.sock"
         self.console = workdir / "console.log"
         self.disk = workdir / "data.img"
@@ -83,12 +91,20 @@ class QemuVM:
             "-smp", str(self.cpus), "-nodefaults", "-no-user-config", "-display", "none",
             "-serial", f"file:{self.console}", "-no-reboot",
             "-kernel", str(self.image.kernel), "-initrd", str(initrd),
-            "-append", kernel_cmdline(self.agent),
+            "-append", kernel_cmdline(self.agent, 1 + len(self.extra_ports)),
             "-chardev", f"socket,path={self.socket_path},server=on,wait=off,id=qga0",
             "-device", "virtio-serial",
             "-device", f"virtserialport,chardev=qga0,name={AGENT_PORT}",
+            *self._extra_port_argv(),
             "-drive", f"file={self.disk},if=virtio,format=raw",
         ]
+
+    def _extra_port_argv(self) -> List[str]:
+        argv: List[str] = []
+        for number, (name, path) in enumerate(sorted(self.extra_ports.items()), 1):
+            argv += ["-chardev", f"socket,path={path},server=on,wait=off,id=port{number}",
+                     "-device", f"virtserialport,chardev=port{number},name={name}"]
+        return argv
 
     def start(self) -> "QemuVM":
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -100,11 +116,11 @@ class QemuVM:
                                          stdout=subprocess.DEVNULL, stderr=stderr,
                                          start_new_session=True)
         deadline = time.monotonic() + 10
-        while not self.socket_path.exists():
+        while not all(path.exists() for path in (self.socket_path, *self.extra_ports.values())):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"QEMU exited with {self.proc.returncode}: {self.qemu_stderr()}")
             if time.monotonic() > deadline:
-                raise RuntimeError("QEMU did not create the agent socket in 10 s")
+                raise RuntimeError("QEMU did not create its chardev sockets in 10 s")
             time.sleep(0.01)
         return self
 
