@@ -85,11 +85,17 @@ class Runtime:
     def start(self, health: Optional[Callable[[Optional[str]], None]] = None) -> None:
         self.supervisor.start(health)
 
-    def stop(self, callback: Optional[Callable[[], None]] = None) -> None:
-        """Stop the process tree; then the socket and the port go too."""
+    def stop(self, callback: Optional[Callable[[], None]] = None,
+             removing: bool = False) -> None:
+        """Stop the process tree; then the socket and the port go too.
+
+        ``removing``: the extension is being removed; its port first gets the
+        manifest's ``channel.on-remove`` notice, if it has one."""
         def stopped() -> None:
             self.proxy.close(f"extension {self.name} stopped")
             if self.relay is not None:
+                if removing and self.manifest.remove_notice:
+                    self.relay.farewell(self.manifest.remove_notice)
                 self.relay.close()
             if callback is not None:
                 callback()
@@ -296,13 +302,13 @@ class Extensions:
         self.runtimes[name] = runtime
         return runtime
 
-    def replace(self, name: str, then: Callable[[], None]) -> None:
+    def replace(self, name: str, then: Callable[[], None], removing: bool = False) -> None:
         """Stop the running runtime of ``name`` (if any), forget it, then call ``then()``."""
         runtime = self.runtimes.pop(name, None)
         if runtime is None:
             then()
         else:
-            runtime.stop(then)
+            runtime.stop(then, removing)
 
     def runtime(self, name: str) -> Runtime:
         runtime = self.runtimes.get(name)
@@ -393,7 +399,7 @@ class Extensions:
             if queue is not None:
                 queue.close()
 
-        self.replace(name, forget)
+        self.replace(name, forget, removing=True)
 
     def call(self, name: str, command: str, arguments: Dict[str, Any],
              timeout: Optional[float]) -> Any:

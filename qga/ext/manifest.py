@@ -46,7 +46,10 @@ Members:
 ``mode``              ``envelope`` (default: the host talks to it with
                       ``guest-extension-call``/``-events``) or ``channel`` (the core relays
                       a virtio-serial port; ``channel.ports`` names it, first found wins,
-                      e.g. ``["ovirt-guest-agent.0", "com.redhat.rhevm.vdsm"]``).
+                      e.g. ``["ovirt-guest-agent.0", "com.redhat.rhevm.vdsm"]``;
+                      ``channel.on-remove``, optional, is a line the core writes to the
+                      port, without waiting, when the extension is removed: the notice
+                      a package's uninstaller would leave the host).
 ``commands``          host requests it serves: name -> ``request`` and ``reply`` JSON
                       Schemas (Draft 7) and an optional ``timeout`` in seconds.
 ``events``            events it emits: name -> JSON Schema of the event's data.
@@ -77,6 +80,7 @@ VERSION_PATTERN = (r"^(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,
                    r"(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$")
 MESSAGE_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,63}$"
 PORT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+MAX_REMOVE_NOTICE = 4096  # channel.on-remove: one short line, written without waiting
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 #: What an extension may ask for.  Each is a narrow grant the core honours:
@@ -165,7 +169,9 @@ SCHEMA: Dict[str, Any] = {
             "type": "object", "additionalProperties": False, "required": ["ports"],
             "properties": {"ports": {"type": "array", "minItems": 1, "maxItems": 8,
                                      "uniqueItems": True,
-                                     "items": {"type": "string", "pattern": PORT_PATTERN}}},
+                                     "items": {"type": "string", "pattern": PORT_PATTERN}},
+                           "on-remove": {"type": "string", "minLength": 1,
+                                         "maxLength": MAX_REMOVE_NOTICE}},
         },
         "commands": {
             "type": "object", "maxProperties": 256,
@@ -247,6 +253,8 @@ class Manifest:
                                                                 DEFAULT_READY_TIMEOUT)
         self.mode: str = value.get("mode", "envelope")
         self.ports: Tuple[str, ...] = tuple(value.get("channel", {}).get("ports", ()))
+        notice = value.get("channel", {}).get("on-remove")
+        self.remove_notice: Optional[bytes] = notice.encode() if notice else None
         self.commands: Dict[str, Dict[str, Any]] = value.get("commands", {})
         self.events: Dict[str, Any] = value.get("events", {})
         settings = value.get("settings", {})

@@ -217,6 +217,20 @@ class PortRelay:
         self._poll = None
         self._flush()
 
+    def farewell(self, notice: bytes) -> None:
+        """Write ``notice`` after what is pending, without waiting; then the port may close.
+
+        As a package's uninstaller writes to the port with ``dd oflag=nonblock``:
+        with no host there, or no room in the port, it is lost and nothing waits.
+        """
+        if self.port is None or self.host_connected is False or self.is_frozen():
+            log.info("extension %s: no host on the port to tell of its removal", self.name)
+            return
+        self._to_port += notice
+        self._write_port()
+        if self._to_port:
+            log.info("extension %s: the port took only part of the removal notice", self.name)
+
     def close(self) -> None:
         self._closed = True
         for timer in (self._retry, self._poll):

@@ -9,7 +9,8 @@ slave stands in for the virtio port in the agent's ports directory, its
 master held by a fake VDSM.  Then: the startup set, negotiation to 3, the v3
 burst, heartbeats, a command, the envelope relay through the agent, a
 refused primitive, the extension killed and restarted by the supervisor
-(a new agent start: renegotiated), and guest-ping answering throughout.
+(a new agent start: renegotiated), its removal (VDSM gets ``uninstalled``),
+and guest-ping answering throughout.
 """
 
 from __future__ import annotations
@@ -101,6 +102,13 @@ def test_push_negotiate_heartbeat_and_relay(ovirt_workdir):
         assert vdsm.sent[sent:] == [("api-version", {"apiVersion": 3,
                                                      "__name__": "api-version"})]
         assert client.ext_status(NAME)["restarts"] >= 1
+        assert client.call("guest-ping") == {}
+
+        # Removed, it leaves VDSM the notice the original's package uninstaller left.
+        mark = len(vdsm.messages)
+        client.ext_remove(NAME)
+        assert vdsm.pump_until(lambda: "uninstalled" in vdsm.names(mark), 15), vdsm.names(mark)
+        assert vdsm.names(mark)[-1] == "uninstalled" and vdsm.guest_info["appsList"] == ()
         assert client.call("guest-ping") == {}
         assert not vdsm.exceptions and vdsm.too_big == 0
     finally:

@@ -76,7 +76,20 @@ def test_a_minimal_manifest_takes_the_defaults():
 def test_channel_mode_with_fallback_ports():
     value = manifest_value(FILES, mode="channel", capabilities=["channel"],
                            channel={"ports": ["ovirt-guest-agent.0", "com.redhat.rhevm.vdsm"]})
-    assert parse(value).ports == ("ovirt-guest-agent.0", "com.redhat.rhevm.vdsm")
+    manifest = parse(value)
+    assert manifest.ports == ("ovirt-guest-agent.0", "com.redhat.rhevm.vdsm")
+    assert manifest.remove_notice is None
+
+
+def test_a_channel_may_leave_a_notice_on_removal():
+    notice = '{"__name__": "uninstalled"}\n'
+    value = manifest_value(FILES, mode="channel", capabilities=["channel"],
+                           channel={"ports": ["p.0"], "on-remove": notice})
+    assert parse(value).remove_notice == notice.encode()
+    for bad in ("", "x" * 4097, 7):
+        value["channel"]["on-remove"] = bad
+        with pytest.raises(ManifestError, match="channel/on-remove"):
+            parse(value)
 
 
 def test_the_schema_is_draft7_and_closed():

@@ -174,3 +174,22 @@ def test_a_port_that_appears_later_is_opened(tmp_path, monkeypatch):
         os.close(master)
         os.close(slave)
         loop.close()
+
+
+def test_a_removal_notice_follows_what_is_pending_and_never_waits(rig):
+    rig.host_open()
+    os.write(rig.host, b"x")           # the host is there
+    assert rig.extension_read() == b"x"
+    rig.extension.sendall(b'{"__name__": "heartbeat"}\n')
+    rig.spin()
+    rig.relay.farewell(b'{"__name__": "uninstalled"}\n')
+    assert rig.host_read() == b'{"__name__": "heartbeat"}\n{"__name__": "uninstalled"}\n'
+
+
+def test_no_host_no_removal_notice(rig):
+    assert rig.hosts == [False]
+    started = time.monotonic()
+    rig.relay.farewell(b'{"__name__": "uninstalled"}\n')
+    assert time.monotonic() - started < 0.5
+    rig.host_open()
+    assert rig.host_read() == b""     # nothing was left waiting for the host
