@@ -222,14 +222,39 @@ class PortRelay:
 
         As a package's uninstaller writes to the port with ``dd oflag=nonblock``:
         with no host there, or no room in the port, it is lost and nothing waits.
+        A relay whose port is closed (the extension was stopped) opens it for
+        this one write.
         """
-        if self.port is None or self.host_connected is False or self.is_frozen():
+        if self.is_frozen():
+            log.info("extension %s: frozen; no removal notice on its port", self.name)
+        elif self.port is None:
+            self._write_notice_once(notice)
+        elif self.host_connected is False:
             log.info("extension %s: no host on the port to tell of its removal", self.name)
+        else:
+            self._to_port += notice
+            self._write_port()
+            if self._to_port:
+                log.info("extension %s: the port took only part of the removal notice",
+                         self.name)
+
+    def _write_notice_once(self, notice: bytes) -> None:
+        path = find_port(self.ports, self.ports_dir)
+        if path is None:
             return
-        self._to_port += notice
-        self._write_port()
-        if self._to_port:
-            log.info("extension %s: the port took only part of the removal notice", self.name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as error:
+            log.info("extension %s: cannot open %s for the removal notice: %s", self.name,
+                     path, error.strerror)
+            return
+        try:
+            os.write(fd, notice)
+        except OSError as error:  # EAGAIN: no host, or no room; lost, as dd's would be
+            log.info("extension %s: removal notice not written to %s: %s", self.name, path,
+                     error.strerror)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         self._closed = True

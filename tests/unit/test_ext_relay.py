@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pty
+import select
 import socket
 import time
 import tty
@@ -193,3 +194,23 @@ def test_no_host_no_removal_notice(rig):
     assert time.monotonic() - started < 0.5
     rig.host_open()
     assert rig.host_read() == b""     # nothing was left waiting for the host
+
+
+def test_a_stopped_extensions_port_is_opened_for_the_removal_notice(tmp_path):
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    os.symlink(os.ttyname(slave), tmp_path / "port0")
+    os.close(slave)
+    loop = Loop()
+    relay = PortRelay("hello", loop, ["missing.0", "port0"], str(tmp_path), lambda: False,
+                      lambda connected: None)
+    try:
+        relay.close()                  # as after a stop: no port held
+        relay.farewell(b'{"__name__": "uninstalled"}\n')
+        assert select.select([master], [], [], 5)[0]
+        assert os.read(master, 4096) == b'{"__name__": "uninstalled"}\n'
+        relay.ports_dir = str(tmp_path / "nowhere")
+        relay.farewell(b"x")           # no port: nothing, no error
+    finally:
+        os.close(master)
+        loop.close()
