@@ -29,6 +29,7 @@ from typing import List, Optional
 
 from qga.commands import command
 from qga.commands.sysutil import run_forked_helper
+from qga.commands.system import read_fd
 from qga.errors import CommandError
 
 BASE64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n")
@@ -184,7 +185,7 @@ def _read_lines(path: str, follow: bool) -> List[bytes]:
         raise _read_error(path, f"Failed to open file \u201c{path}\u201d: {os.strerror(error.errno)}")
     try:
         regular = _is_regular(fd)
-        data = _read_all(fd)
+        data = read_fd(fd)
     except OSError as error:
         verb = "Failed to read from file" if regular else "Error reading file"
         raise _read_error(path, f"{verb} \u201c{path}\u201d: {os.strerror(error.errno)}")
@@ -212,15 +213,6 @@ def _is_regular(fd: int) -> bool:
         return stat.S_ISREG(os.fstat(fd).st_mode)
     except OSError:
         return False
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while True:
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
 
 
 def _read_error(path: str, detail: str) -> CommandError:
