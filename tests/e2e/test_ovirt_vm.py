@@ -28,7 +28,7 @@ import pytest
 
 from qga.host.client import Client
 from tests.support.fake_vdsm import FakeVdsm, validate
-from tests.support.ovirt_bundle import NAME, PORT, signed_bundle
+from tests.support.ovirt_bundle import BURST_V3, NAME, PORT, STARTUP_V0, signed_bundle
 from tests.support.vm import QemuVM, wait_for_agent
 
 pytestmark = pytest.mark.e2e
@@ -37,10 +37,6 @@ TICK = 0.2                 # the reporting loop's tick: heartbeats every second
 FIRST_REPLY_TIMEOUT = 90.0
 STEP_TIMEOUT = 45.0        # one step in the guest under TCG on a busy CI machine
 GUEST_TRUST_DIR = "/etc/qga/trust.d"
-STARTUP_V0 = ["session-startup", "host-name", "os-version", "network-interfaces",
-              "active-user", "applications", "fqdn"]
-BURST_V3 = ["session-startup", "active-user", "applications", "containers", "host-name",
-            "os-version", "network-interfaces", "disks-usage", "fqdn", "timezone", "os-info"]
 BURST_V0 = [name for name in BURST_V3 if name not in ("containers", "timezone", "os-info")]
 
 

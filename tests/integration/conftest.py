@@ -25,6 +25,15 @@ def bundles(request):
         subprocess.run(["userdel", user_name(NAME)], capture_output=True)
 
 
+@pytest.fixture(scope="module")
+def ovirt_bundle_dir(tmp_path_factory):
+    """The oVirt extension's files as a bundle lays them out (no signature: run directly)."""
+    from tests.support.ovirt_bundle import stage
+    directory = tmp_path_factory.mktemp("ovirt-bundle")
+    stage(str(directory))
+    return str(directory)
+
+
 @pytest.fixture
 def ovirt_workdir():
     """A work directory for an agent running the oVirt extension (reachable by its user)."""

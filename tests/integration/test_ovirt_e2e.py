@@ -24,13 +24,9 @@ from qga.host.client import Client
 from tests.support.agents import our_agent
 from tests.support.ext_hello import agent_config
 from tests.support.fake_vdsm import PtyVdsm, validate
-from tests.support.ovirt_bundle import NAME, pty_port, signed_bundle
+from tests.support.ovirt_bundle import BURST_V3, NAME, STARTUP_V0, pty_port, signed_bundle
 
 TICK = 0.2
-STARTUP_V0 = ["session-startup", "host-name", "os-version", "network-interfaces",
-              "active-user", "applications", "fqdn"]
-BURST_V3 = ["session-startup", "active-user", "applications", "containers", "host-name",
-            "os-version", "network-interfaces", "disks-usage", "fqdn", "timezone", "os-info"]
 
 
 def test_push_negotiate_heartbeat_and_relay(ovirt_workdir):

@@ -12,31 +12,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.fake_vdsm import ExtensionProcess, FakeCore, FakeVdsm, validate
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "extensions" / "ovirt_sso"))
-
-import build  # noqa: E402  (extensions/ovirt_sso/build.py)
+from tests.support.ovirt_bundle import BURST_V3, STARTUP_V0
 
 TICK = 0.05
-STARTUP_V0 = ["session-startup", "host-name", "os-version", "network-interfaces",
-              "active-user", "applications", "fqdn"]
-BURST_V3 = ["session-startup", "active-user", "applications", "containers", "host-name",
-            "os-version", "network-interfaces", "disks-usage", "fqdn", "timezone", "os-info"]
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ovirt-bundle")
-    build.stage(str(directory))
-    return str(directory)
 
 
 class Guest:
@@ -80,8 +64,8 @@ class Guest:
 
 
 @pytest.fixture
-def guest(tmp_path, bundle_dir):
-    guest = Guest(tmp_path, bundle_dir)
+def guest(tmp_path, ovirt_bundle_dir):
+    guest = Guest(tmp_path, ovirt_bundle_dir)
     yield guest
     guest.close()
 

@@ -8,7 +8,6 @@ to the helper's socket as it would to libvirt's.
 
 from __future__ import annotations
 
-import sys
 import threading
 from pathlib import Path
 
@@ -17,21 +16,9 @@ import pytest
 from qga.host.ovirt import OvirtRelay
 from tests.support.fake_vdsm import (ExtensionProcess, FakeAgentClient, FakeCore, FakeVdsm,
                                      validate)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "extensions" / "ovirt_sso"))
-
-import build  # noqa: E402  (extensions/ovirt_sso/build.py)
+from tests.support.ovirt_bundle import BURST_V3
 
 TICK = 0.05
-BURST_V3 = ["session-startup", "active-user", "applications", "containers", "host-name",
-            "os-version", "network-interfaces", "disks-usage", "fqdn", "timezone", "os-info"]
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ovirt-bundle")
-    build.stage(str(directory))
-    return str(directory)
 
 
 class Helper:
@@ -51,7 +38,8 @@ class Helper:
 
 
 @pytest.fixture
-def setup(tmp_path, bundle_dir):
+def setup(tmp_path, ovirt_bundle_dir):
+    bundle_dir = ovirt_bundle_dir
     core = FakeCore(str(tmp_path))
     environ = core.environ({"tick_interval": TICK, "config_file": "", "session_events": False},
                            bundle_dir=bundle_dir)

@@ -201,20 +201,17 @@ def test_no_logind_is_an_error_the_runner_can_log(bus_address):
         loop.close()
 
 
-def test_vdsm_sees_the_session_state(bus_address, tmp_path):
+def test_vdsm_sees_the_session_state(bus_address, tmp_path, ovirt_bundle_dir):
     from tests.support.fake_vdsm import ExtensionProcess, FakeCore, FakeVdsm
-    import build
 
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    build.stage(str(bundle))
+    bundle = ovirt_bundle_dir
     fake = FakeLogind(bus_address, {})
     core = FakeCore(str(tmp_path))
     vdsm = FakeVdsm(core.host_path)
     environ = core.environ({"tick_interval": 0.05, "config_file": ""},
-                           bundle_dir=str(bundle))
+                           bundle_dir=bundle)
     environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus_address
-    process = ExtensionProcess(str(bundle), environ, str(tmp_path / "extension.log"))
+    process = ExtensionProcess(bundle, environ, str(tmp_path / "extension.log"))
     try:
         core.wait_frame(lambda frame: "following systemd-logind" in frame.get("message", ""))
         fake.new("5")

@@ -1,6 +1,9 @@
-"""The oVirt extension as a host pushes it, for tests that run it in a real agent.
+"""The oVirt extension as a host pushes it, and the message sequences VDSM expects of it.
 
-:func:`signed_bundle` stages ``extensions/ovirt_sso`` with its ``build.py``,
+:data:`STARTUP_V0`, :data:`BURST_V0` and :data:`BURST_V3` are the original
+agent's startup set and its refresh bursts at API versions 0 and 3, in order.
+:func:`stage` lays the bundle's files out in a directory, as
+``extensions/ovirt_sso/build.py`` does; :func:`signed_bundle` stages it,
 changes the manifest's settings defaults as a test asks (a faster reporting
 loop, say), and builds and signs it with a new key whose trust file it puts
 in ``<workdir>/trust.d``.  :func:`pty_port` makes the ``ovirt-guest-agent.0``
@@ -25,14 +28,22 @@ REPO = Path(__file__).resolve().parents[2]
 NAME = "ovirt-guest-agent"
 PORT = "ovirt-guest-agent.0"
 
+STARTUP_V0 = ["session-startup", "host-name", "os-version", "network-interfaces",
+              "active-user", "applications", "fqdn"]
+BURST_V0 = ["session-startup", "active-user", "applications", "host-name", "os-version",
+            "network-interfaces", "disks-usage", "fqdn"]
+BURST_V3 = ["session-startup", "active-user", "applications", "containers", "host-name",
+            "os-version", "network-interfaces", "disks-usage", "fqdn", "timezone", "os-info"]
 
-def _build_module():
-    """``extensions/ovirt_sso/build.py``, which stages the bundle's files."""
+
+def stage(directory: str) -> None:
+    """The bundle's files, manifest included, in ``directory`` (which exists),
+    laid out by ``extensions/ovirt_sso/build.py``."""
     path = str(REPO / "extensions" / "ovirt_sso")
     if path not in sys.path:
         sys.path.insert(0, path)
     import build
-    return build
+    build.stage(directory)
 
 
 def signed_bundle(workdir: Path, defaults: Optional[Dict[str, Any]] = None,
@@ -43,14 +54,14 @@ def signed_bundle(workdir: Path, defaults: Optional[Dict[str, Any]] = None,
     trust.mkdir(mode=0o755, exist_ok=True)
     shutil.move(str(workdir / "vendor.json"), trust / "vendor.json")
     os.chmod(trust / "vendor.json", 0o644)
-    stage = workdir / "stage"
-    stage.mkdir()
-    _build_module().stage(str(stage))
-    manifest = json.loads((stage / "manifest.json").read_text())
+    staged = workdir / "stage"
+    staged.mkdir()
+    stage(str(staged))
+    manifest = json.loads((staged / "manifest.json").read_text())
     manifest["settings"]["defaults"].update(defaults or {})
-    (stage / "manifest.json").write_text(json.dumps(manifest))
+    (staged / "manifest.json").write_text(json.dumps(manifest))
     output = workdir / f"{NAME}.qgb"
-    bundle_tool("build", stage, "-o", output)
+    bundle_tool("build", staged, "-o", output)
     bundle_tool("sign", output, "--key", workdir / "vendor.key", "--counter", counter)
     return output
 

@@ -16,13 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "extensions" / "ovi
 
 from ovirt_agent import config, logic, messages  # noqa: E402
 from tests.support.fake_vdsm import Unsupported, VdsmReader, validate  # noqa: E402
+from tests.support.ovirt_bundle import BURST_V0, BURST_V3, STARTUP_V0  # noqa: E402
 
-STARTUP_V0 = ["session-startup", "host-name", "os-version", "network-interfaces",
-              "active-user", "applications", "fqdn"]
-BURST_V0 = ["session-startup", "active-user", "applications", "host-name", "os-version",
-            "network-interfaces", "disks-usage", "fqdn"]
-BURST_V3 = ["session-startup", "active-user", "applications", "containers", "host-name",
-            "os-version", "network-interfaces", "disks-usage", "fqdn", "timezone", "os-info"]
 
 
 class Collectors:
